@@ -1,0 +1,285 @@
+"""Retrieval metrics for text-video similarity matrices (SPEC §2, "Evaluation").
+
+Conventions used throughout:
+
+* A similarity matrix ``sim_tv`` is ``[T, V]``: one row per caption (text), one column per video.
+  ``caption_video[t]`` is the index of the video caption ``t`` describes; 1:1 datasets use
+  ``caption_video = arange(T)`` with ``T == V``.
+* Ranks are 1-based. The rank of the ground truth is ``1 + (number of candidates with a strictly
+  higher score)`` ("optimistic" ties). The reference ranks by ``argsort``/sorted position, which breaks
+  ties arbitrarily; with real-valued scores ties are rare and both agree. Because optimistic ties reward a
+  degenerate model (a constant matrix scores R@1 = 100), ``ties="pessimistic"`` is offered as a check:
+  it counts every other candidate with an equal score as ranked above the ground truth.
+* R@k are percentages, MdR is the median rank (mean of the two middle ranks for an even count, as
+  ``numpy.median``), MnR the mean rank.
+* NaN scores are an error (a NaN compares false with everything and would silently rank first);
+  ``±inf`` is allowed in the raw metrics (e.g. a masked pair), but not in DSL.
+
+All functions are vectorised torch code and run on the device of the input (CPU or CUDA); only the final
+metric values are moved to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RANK_KEYS",
+    "DIRECTIONS",
+    "gt_ranks",
+    "t2v_ranks",
+    "v2t_ranks",
+    "metrics_from_ranks",
+    "retrieval_metrics",
+    "t2v_metrics",
+    "v2t_metrics",
+    "dsl",
+    "dsl_t2v",
+    "dsl_v2t",
+    "evaluate_similarity",
+    "format_table",
+]
+
+RANK_KEYS = ("R1", "R5", "R10", "R50", "MdR", "MnR")
+DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
+_TIES = ("optimistic", "pessimistic")
+
+
+def _check_sim(sim: Tensor, name: str = "sim", allow_inf: bool = True) -> Tensor:
+    """Validate a 2-D score matrix; upcast half precision so comparisons and softmax are exact enough."""
+    if not isinstance(sim, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(sim).__name__}")
+    if sim.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [queries, candidates], got shape {tuple(sim.shape)}")
+    if sim.shape[0] == 0 or sim.shape[1] == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(sim.shape)}")
+    if sim.is_complex():
+        raise TypeError(f"{name} must be real, got {sim.dtype}")
+    if not sim.is_floating_point() or sim.dtype in (torch.float16, torch.bfloat16):
+        sim = sim.float()
+    bad = torch.isnan(sim) if allow_inf else ~torch.isfinite(sim)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        what = "NaN" if allow_inf else "non-finite"
+        raise ValueError(
+            f"{name} has {int(bad.sum())} {what} score(s), first at [row {row}, column {col}] "
+            f"(value {float(sim[row, col])}); refusing to rank"
+        )
+    return sim.detach()
+
+
+def _check_index(idx: Tensor | None, length: int, upper: int, name: str, device: torch.device) -> Tensor:
+    """Validate a LongTensor of ``length`` entries in ``[0, upper)``."""
+    if idx is None:
+        raise ValueError(f"{name} is required")
+    idx = torch.as_tensor(idx)
+    if idx.dim() != 1 or idx.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {tuple(idx.shape)}")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
+    idx = idx.to(device=device, dtype=torch.long)
+    bad = (idx < 0) | (idx >= upper)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0])
+        raise ValueError(f"{name}[{pos}] = {int(idx[pos])} is outside [0, {upper})")
+    return idx
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in _TIES:
+        raise ValueError(f"ties must be one of {_TIES}, got {ties!r}")
+
+
+def gt_ranks(sim: Tensor, gt: Tensor | None = None, ties: str = "optimistic") -> Tensor:
+    """1-based rank of the ground-truth column of each row of ``sim`` [Q, C].
+
+    ``gt[q]`` is the ground-truth column of query ``q`` (default: the diagonal, which needs Q == C).
+    Rank = 1 + number of candidates with a strictly higher score (``ties="optimistic"``), or additionally
+    + number of other candidates with an equal score (``ties="pessimistic"``). Returns LongTensor[Q].
+    """
+    _check_ties(ties)
+    sim = _check_sim(sim)
+    q, c = sim.shape
+    if gt is None:
+        if q != c:
+            raise ValueError(f"gt is needed for a non-square similarity matrix of shape {(q, c)}")
+        gt = torch.arange(q, device=sim.device)
+    gt = _check_index(gt, q, c, "gt", sim.device)
+    target = sim.gather(1, gt[:, None])
+    if ties == "optimistic":
+        return (sim > target).sum(dim=1) + 1
+    return (sim >= target).sum(dim=1)  # counts the ground truth itself, so no +1
+
+
+def t2v_ranks(sim_tv: Tensor, caption_video: Tensor | None = None, ties: str = "optimistic") -> Tensor:
+    """Text→video ranks: each caption (row) ranks all V videos; LongTensor[T]."""
+    return gt_ranks(sim_tv, caption_video, ties=ties)
+
+
+def v2t_ranks(
+    sim_tv: Tensor,
+    caption_video: Tensor | None = None,
+    ties: str = "optimistic",
+    candidates: str = "captions",
+) -> Tensor:
+    """Video→text ranks for ``sim_tv`` [T, V]; LongTensor[V].
+
+    ``candidates="captions"`` (default): video ``v`` ranks all T captions (its column) and its rank is the
+    best (minimum) rank among its own captions. Since a rank only grows as the score falls, that equals
+    the rank of its highest-scoring caption: 1 + #captions scoring strictly above it.
+
+    ``candidates="videos"``: the reference's multi-caption protocol (``tensor_video_to_text_sim``): the
+    captions of each video are first collapsed to their maximum score, so video ``v`` ranks V caption
+    *groups*, not T captions. Ranks can only be lower (better) than with ``"captions"``. Identical to
+    ``"captions"`` for 1:1 data.
+
+    Every video needs at least one caption.
+    """
+    _check_ties(ties)
+    if candidates not in ("captions", "videos"):
+        raise ValueError(f"candidates must be 'captions' or 'videos', got {candidates!r}")
+    sim_tv = _check_sim(sim_tv, "sim_tv")
+    t, v = sim_tv.shape
+    if caption_video is None:
+        if t != v:
+            raise ValueError(f"caption_video is needed for a non-square similarity matrix of shape {(t, v)}")
+        caption_video = torch.arange(t, device=sim_tv.device)
+    cv = _check_index(caption_video, t, v, "caption_video", sim_tv.device)
+    counts = torch.bincount(cv, minlength=v)
+    if bool((counts == 0).any()):
+        missing = (counts == 0).nonzero().flatten()
+        raise ValueError(
+            f"{missing.numel()} video(s) have no caption (first: video index {int(missing[0])}); "
+            "drop them from the similarity matrix before ranking video→text"
+        )
+    if candidates == "videos":
+        # group_sim[g, v] = max over captions t of video g of sim_tv[t, v]
+        group_sim = torch.full((v, v), float("-inf"), dtype=sim_tv.dtype, device=sim_tv.device)
+        group_sim = group_sim.scatter_reduce(0, cv[:, None].expand(t, v), sim_tv, reduce="amax")
+        return gt_ranks(group_sim.T, None, ties=ties)
+    own = sim_tv.gather(1, cv[:, None]).squeeze(1)  # score of each caption with its own video
+    best = torch.full((v,), float("-inf"), dtype=sim_tv.dtype, device=sim_tv.device)
+    best = best.scatter_reduce(0, cv, own, reduce="amax")  # best own-caption score per video
+    if ties == "optimistic":
+        return (sim_tv > best[None, :]).sum(dim=0) + 1
+    return (sim_tv >= best[None, :]).sum(dim=0)
+
+
+def metrics_from_ranks(ranks: Tensor) -> dict[str, float]:
+    """R@1/5/10/50 (percent), MdR and MnR from 1-based ranks."""
+    if ranks.dim() != 1 or ranks.numel() == 0:
+        raise ValueError(f"ranks must be a non-empty 1-D tensor, got shape {tuple(ranks.shape)}")
+    if bool((ranks < 1).any()):
+        raise ValueError("ranks must be 1-based (>= 1)")
+    r = ranks.detach().to(torch.float64)
+    s, _ = torch.sort(r)
+    n = s.numel()
+    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    values = torch.stack(
+        [(r <= k).to(torch.float64).mean() * 100 for k in (1, 5, 10, 50)] + [median, r.mean()]
+    )
+    return dict(zip(RANK_KEYS, (float(x) for x in values.tolist())))
+
+
+def retrieval_metrics(sim: Tensor, gt: Tensor | None = None, ties: str = "optimistic") -> dict[str, float]:
+    """Metrics for queries = rows of ``sim`` [Q, C], ground truth ``gt`` [Q] (default: diagonal).
+
+    Keys R1, R5, R10, R50 (percent), MdR, MnR (1-based ranks), all Python floats.
+    """
+    return metrics_from_ranks(gt_ranks(sim, gt, ties=ties))
+
+
+def t2v_metrics(sim_tv: Tensor, caption_video: Tensor | None = None, ties: str = "optimistic") -> dict:
+    """Text→video metrics for ``sim_tv`` [T, V]: every caption is a query."""
+    return metrics_from_ranks(t2v_ranks(sim_tv, caption_video, ties=ties))
+
+
+def v2t_metrics(
+    sim_tv: Tensor,
+    caption_video: Tensor | None = None,
+    ties: str = "optimistic",
+    candidates: str = "captions",
+) -> dict:
+    """Video→text metrics for ``sim_tv`` [T, V]: every video is a query, see :func:`v2t_ranks`."""
+    return metrics_from_ranks(v2t_ranks(sim_tv, caption_video, ties=ties, candidates=candidates))
+
+
+def dsl(sim: Tensor, dim: int, temperature: float = 0.01) -> Tensor:
+    """Dual softmax / inverted softmax prior: ``S * softmax(S / temperature, dim) * S.shape[dim]``.
+
+    ``dim`` must be the *query* dimension of the direction being evaluated: the softmax normalises each
+    candidate's scores across all queries, down-weighting candidates that many queries like ("hubs").
+    The result keeps the orientation of ``sim``. The factor n does not change any ranking (it is one
+    constant); it is kept so the scores stay on the scale of the input.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    sim = _check_sim(sim, "sim", allow_inf=False)
+    if dim not in (0, 1, -1, -2):
+        raise ValueError(f"dim must be 0 or 1 for a 2-D matrix, got {dim}")
+    n = sim.shape[dim]
+    return sim * torch.softmax(sim / temperature, dim=dim) * n
+
+
+def dsl_t2v(sim_tv: Tensor, temperature: float = 0.01) -> Tensor:
+    """DSL scores for text→video, same [T, V] orientation as the input.
+
+    Queries are texts (rows), so the softmax runs over dim 0: each video column is normalised across all
+    texts (n = T). This is the reference's ``sim * softmax(sim / t2v_temp, dim=0) * len(sim)``.
+    Rank the result with :func:`t2v_metrics`.
+    """
+    return dsl(sim_tv, dim=0, temperature=temperature)
+
+
+def dsl_v2t(sim_tv: Tensor, temperature: float = 0.01) -> Tensor:
+    """DSL scores for video→text, same [T, V] orientation as the input.
+
+    Queries are videos (columns), so the softmax runs over dim 1: each caption row is normalised across
+    all videos (n = V). This is the reference's ``sim * softmax(sim / v2t_temp, dim=1) * len(sim)``
+    (its constant is T instead of V, which changes no rank). Rank the result with :func:`v2t_metrics`.
+    """
+    return dsl(sim_tv, dim=1, temperature=temperature)
+
+
+def evaluate_similarity(
+    sim_tv: Tensor,
+    caption_video: Tensor | None = None,
+    *,
+    temperature: float = 0.01,
+    ties: str = "optimistic",
+    v2t_candidates: str = "captions",
+) -> dict[str, dict[str, float]]:
+    """All four result rows for ``sim_tv`` [T, V]: raw t2v, raw v2t, and the DSL rows computed separately.
+
+    Returns ``{"t2v": ..., "v2t": ..., "t2v_dsl": ..., "v2t_dsl": ...}``, each a dict with RANK_KEYS.
+    ``caption_video`` defaults to the diagonal (1:1 data). DSL needs finite scores.
+    """
+    sim_tv = _check_sim(sim_tv, "sim_tv")
+    return {
+        "t2v": t2v_metrics(sim_tv, caption_video, ties=ties),
+        "v2t": v2t_metrics(sim_tv, caption_video, ties=ties, candidates=v2t_candidates),
+        "t2v_dsl": t2v_metrics(dsl_t2v(sim_tv, temperature), caption_video, ties=ties),
+        "v2t_dsl": v2t_metrics(
+            dsl_v2t(sim_tv, temperature), caption_video, ties=ties, candidates=v2t_candidates
+        ),
+    }
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """Fixed-width table: one line per direction (t2v, v2t, t2v_dsl, v2t_dsl first, then any others).
+
+    A missing metric prints as ``-``.
+    """
+    order = [d for d in DIRECTIONS if d in results] + [d for d in results if d not in DIRECTIONS]
+    width = max([len("direction")] + [len(d) for d in order])
+    lines = [f"{'direction':<{width}}" + "".join(f"{k:>8}" for k in RANK_KEYS)]
+    lines.append("-" * len(lines[0]))
+    for name in order:
+        row = results[name]
+        cells = []
+        for k in RANK_KEYS:
+            val = row.get(k)
+            cells.append(f"{'-':>8}" if val is None else f"{float(val):>8.1f}")
+        lines.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(lines)

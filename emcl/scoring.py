@@ -1,0 +1,94 @@
+"""Full text x video score matrices from cached features, under the three evaluation policies.
+
+``score_fn(t, f, mask)`` maps texts (..., A, D) and videos (..., B, T, D) with frame masks (..., B, T)
+to scores (..., A, B) and must broadcast over leading block dimensions (EMCL-Net's ``scores`` does).
+
+- ``paper``: the reference's policy. EM runs separately on every block of ``block`` texts x ``block``
+  videos (in their given order), so a score depends on which texts and videos share its block.
+  All blocks of the same shape run in one batched call, not a Python loop.
+- ``query``: EM runs once per text query over that text and all videos. Scores do not depend on the
+  order of texts or videos nor on any blocking.
+- ``none``: no EMCL at evaluation (pass a ``score_fn`` without it); scores are pairwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+EvalBlock = Literal["paper", "query", "none"]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _paper_rows(
+    score_fn: ScoreFn, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, block: int, chunk: int
+) -> torch.Tensor:
+    """Scores of the texts ``t`` (a whole number of text blocks, plus one remainder) vs all videos."""
+    a, v = t.shape[0], f.shape[0]
+    out = t.new_empty(a, v, dtype=torch.float32)
+    nv_full = v // block
+    video_groups = []  # (start, stacked f, stacked mask, number of blocks, block width)
+    if nv_full:
+        video_groups.append(
+            (
+                0,
+                f[: nv_full * block].unflatten(0, (nv_full, block)),
+                mask[: nv_full * block].unflatten(0, (nv_full, block)),
+                nv_full,
+                block,
+            )
+        )
+    if v % block:
+        s = nv_full * block
+        video_groups.append((s, f[s:][None], mask[s:][None], 1, v - s))
+    na_full = a // block
+    text_groups = []
+    if na_full:
+        text_groups.append((0, t[: na_full * block].unflatten(0, (na_full, block)), na_full, block))
+    if a % block:
+        s = na_full * block
+        text_groups.append((s, t[s:][None], 1, a - s))
+    for t0, tb, nt, bt in text_groups:
+        for i in range(0, nt, chunk):
+            tc = tb[i : i + chunk]  # (c, bt, D)
+            for v0, fb, mb, nv, bv in video_groups:
+                s = score_fn(tc[:, None], fb[None], mb[None])  # (c, nv, bt, bv)
+                rows = slice(t0 + i * bt, t0 + (i + tc.shape[0]) * bt)
+                out[rows, v0 : v0 + nv * bv] = s.float().permute(0, 2, 1, 3).reshape(-1, nv * bv)
+    return out
+
+
+def score_matrix(
+    score_fn: ScoreFn,
+    t: torch.Tensor,
+    f: torch.Tensor,
+    mask: torch.Tensor,
+    mode: EvalBlock = "query",
+    block: int = 32,
+    chunk: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """The (A, V) float32 score matrix, or this rank's share of its rows when ``world_size > 1``.
+
+    Rows are dealt to ranks in contiguous spans of whole ``block``-sized text blocks, so concatenating
+    every rank's rows in rank order gives the full matrix, identical to a single-process run.
+    ``chunk`` bounds memory: text blocks (paper) or queries (query, none) scored per call.
+    """
+    a = t.shape[0]
+    n_blocks = -(-a // block)
+    per_rank = -(-n_blocks // world_size)
+    lo, hi = min(a, rank * per_rank * block), min(a, (rank + 1) * per_rank * block)
+    t = t[lo:hi]
+    if mode == "paper":
+        return _paper_rows(score_fn, t, f, mask, block, chunk)
+    if mode not in ("query", "none"):
+        raise ValueError(f"eval_block must be paper, query or none, got {mode!r}")
+    rows = []
+    for i in range(0, t.shape[0], chunk):
+        tc = t[i : i + chunk]
+        # each query is its own block: (c, 1, D) against all videos (1, V, T, D)
+        rows.append(score_fn(tc[:, None], f[None], mask[None])[:, 0].float())
+    return torch.cat(rows) if rows else t.new_empty(0, f.shape[0], dtype=torch.float32)
