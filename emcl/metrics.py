@@ -269,8 +269,9 @@ def evaluate_similarity(
 def format_table(results: dict[str, dict[str, float]]) -> str:
     """Fixed-width table: one line per direction (t2v, v2t, t2v_dsl, v2t_dsl first, then any others).
 
-    A missing metric prints as ``-``.
+    A missing metric prints as ``-``; entries that are not metric rows (e.g. ``eval_block``) are ignored.
     """
+    results = {k: v for k, v in results.items() if isinstance(v, dict)}
     order = [d for d in DIRECTIONS if d in results] + [d for d in results if d not in DIRECTIONS]
     width = max([len("direction")] + [len(d) for d in order])
     lines = [f"{'direction':<{width}}" + "".join(f"{k:>8}" for k in RANK_KEYS)]
