@@ -1,0 +1,218 @@
+"""EMCL-Net (SPEC §2): CLIP text and frame features, temporal aggregation, text-conditioned frame
+weighting, the EM subspace layer on [pair video vectors; text vectors], cosine similarity."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from emcl.clip import CLIPBackbone, normalize_frames
+from emcl.em import EMCL, em_reconstruct
+from emcl.loss import symmetric_ce
+
+log = logging.getLogger(__name__)
+
+AggModule = Literal["seqTransf", "seqLSTM", "None"]
+
+
+class FrameTransformer(nn.Module):
+    """``seqTransf``: learned frame positions, CLIP-text-shaped blocks, key-padding mask, residual add."""
+
+    def __init__(self, clip: CLIPBackbone, layers: int = 4, init_from_text: bool = True) -> None:
+        super().__init__()
+        width, ctx = clip.embed_dim, clip.context_length
+        text_blocks = clip.text_blocks
+        self.position = nn.Embedding(ctx, width)
+        nn.init.normal_(self.position.weight, std=0.02)
+        self.heads = clip.text_heads if clip.text_width == width else max(1, width // 64)
+        shape_matches = clip.text_width == width and len(text_blocks) >= layers
+        if init_from_text and shape_matches:
+            # the initialisation trick: frame positions <- text positions, blocks <- text blocks 0..layers-1
+            with torch.no_grad():
+                self.position.weight.copy_(clip.text_positional_embedding[:ctx])
+            self.blocks = nn.ModuleList(copy.deepcopy(text_blocks[i]) for i in range(layers))
+        else:
+            if init_from_text:
+                log.warning(
+                    "seqTransf: CLIP text tower (width %d, %d blocks) cannot seed %d blocks of width %d; "
+                    "using random initialisation",
+                    clip.text_width,
+                    len(text_blocks),
+                    layers,
+                    width,
+                )
+            from open_clip.transformer import ResidualAttentionBlock
+
+            self.blocks = nn.ModuleList(ResidualAttentionBlock(width, self.heads) for _ in range(layers))
+        self.batch_first = getattr(self.blocks[0].attn, "batch_first", True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = x + self.position.weight[:t].to(x.dtype)
+        # additive key-padding mask (B*heads, T, T); -1e6 as the reference, safe in bf16 and fp32
+        pad = (1.0 - mask.to(torch.float32))[:, None, None, :] * -1e6
+        attn_mask = pad.expand(b, self.heads, t, t).reshape(b * self.heads, t, t)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        for block in self.blocks:
+            h = block(h, attn_mask=attn_mask)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return h + x
+
+
+class FrameLSTM(nn.Module):
+    """``seqLSTM``: a one-layer LSTM over the frames plus the input.
+
+    Frames are padded at the end, so running the LSTM over all T slots gives the same outputs as a
+    packed sequence on the real frames without a host sync for the lengths. Padded slots keep their
+    input (the reference leaves them batch-dependent: 1x or 2x the input).
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(width, width, batch_first=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return out * mask[..., None].to(out.dtype) + x
+
+
+def pair_video_vectors(t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, temp: float) -> torch.Tensor:
+    """Text-conditioned frame pooling: ``v_ij = sum_k softmax_k(t_i . f_jk / temp) * mask_jk * f_jk``.
+
+    ``t`` (..., A, D), ``f`` (..., B, T, D), ``mask`` (..., B, T) -> (..., A, B, D). The softmax runs over
+    all T slots and the mask is applied afterwards without renormalising, as in the reference.
+    """
+    w = torch.softmax(torch.einsum("...ad,...btd->...abt", t, f) / temp, dim=-1)
+    w = w * mask.unsqueeze(-3).to(w.dtype)
+    return torch.einsum("...abt,...btd->...abd", w, f)
+
+
+def emcl_scores(
+    t: torch.Tensor,
+    f: torch.Tensor,
+    mask: torch.Tensor,
+    emcl: EMCL | None,
+    temp: float,
+    update: bool = False,
+) -> torch.Tensor:
+    """Cosine scores (..., A, B) after EMCL on ``[v_ij rows; t_i rows]`` of each leading block.
+
+    With ``update`` (training), the layer's forward runs and updates ``mu``; otherwise the blocks go
+    through the batched EM without touching the state, so any number of blocks run in one call.
+    """
+    a, b, d = t.shape[-2], f.shape[-3], t.shape[-1]
+    v = pair_video_vectors(t, f, mask, temp)  # (..., A, B, D)
+    lead = v.shape[:-3]
+    x = torch.cat([v.reshape(*lead, a * b, d), t.to(v.dtype).expand(*lead, a, d)], dim=-2)
+    if emcl is not None:
+        if update:
+            x = emcl(x)
+        else:
+            r, _ = em_reconstruct(x, emcl.mu, emcl.stage_num, emcl.lamd, emcl.lamd_mode)
+            x = x + (emcl.beta * r).to(x.dtype)
+    x = F.normalize(x.float(), dim=-1)
+    yv = x[..., : a * b, :].reshape(*lead, a, b, d)
+    yt = x[..., a * b :, :]
+    return torch.einsum("...ad,...abd->...ab", yt, yv)
+
+
+class EMCLNet(nn.Module):
+    """EMCL-Net: ``encode_text``, ``encode_video``, ``scores`` and the training ``forward`` (loss)."""
+
+    def __init__(
+        self,
+        clip: CLIPBackbone,
+        agg_module: AggModule = "seqTransf",
+        agg_layers: int = 4,
+        temp: float = 3.0,
+        use_emcl: bool = True,
+        centerK: int = 32,  # noqa: N803 - the reference's flag name
+        stage_num: int = 9,
+        momentum: float = 0.9,
+        lamd: float = 1.0,
+        beta: float = 3.0,
+        em_init: str = "upstream",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.agg_module = agg_module
+        self.temp = temp
+        if agg_module == "seqTransf":
+            self.agg: nn.Module | None = FrameTransformer(clip, agg_layers)
+        elif agg_module == "seqLSTM":
+            self.agg = FrameLSTM(clip.embed_dim)
+        elif agg_module in ("None", None):
+            self.agg = None
+        else:
+            raise ValueError(f"agg_module must be seqTransf, seqLSTM or None, got {agg_module!r}")
+        self.emcl = None
+        if use_emcl:
+            self.emcl = EMCL(
+                k=centerK,
+                stage_num=stage_num,
+                momentum=momentum,
+                lamd=lamd,
+                beta=beta,
+                init=em_init,
+                seed=seed,
+            )
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) text features (projected EOT)."""
+        return self.clip.encode_text(ids, mask)
+
+    def encode_video(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, T, 3, H, W) frames -> (B, T, D) per-frame features after temporal aggregation.
+
+        Frames are normalised here on their device; padded slots become zero after normalisation, as the
+        reference's zero-padded inputs.
+        """
+        x = normalize_frames(frames) * frame_mask[:, :, None, None, None].to(torch.float32)
+        feats = self.clip.encode_frames(x)
+        if self.agg is not None:
+            feats = self.agg(feats, frame_mask)
+        return feats
+
+    def scores(
+        self, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, update: bool = False
+    ) -> torch.Tensor:
+        """Cosine scores of texts x videos (see :func:`emcl_scores`); leading block dims allowed."""
+        return emcl_scores(t, f, mask, self.emcl, self.temp, update=update)
+
+    def loss_from_features(self, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Symmetric cross-entropy on ``exp(logit_scale) * scores`` for matched (text, video) rows."""
+        s = self.scores(t, f, mask, update=self.training)
+        return symmetric_ce(self.logit_scale.exp() * s)
+
+    def forward(
+        self,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        frames: torch.Tensor,
+        frame_mask: torch.Tensor,
+        gather=None,
+    ) -> torch.Tensor:
+        """Training loss on a batch; ``gather`` (e.g. all-gather with gradient) merges ranks' features."""
+        t = self.encode_text(text_ids, text_mask)
+        f = self.encode_video(frames, frame_mask)
+        if gather is not None:
+            t, f, frame_mask = gather(t), gather(f), gather(frame_mask)
+        return self.loss_from_features(t, f, frame_mask)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self, max_value: float = 100.0) -> None:
+        """Keep ``exp(logit_scale) <= max_value`` (applied after every optimiser step)."""
+        self.logit_scale.clamp_(max=math.log(max_value))
