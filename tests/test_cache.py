@@ -1,5 +1,5 @@
-"""HDF5 frame cache: scripts/cache_frames.py (resume, crash safety, bad videos), FrameCache, VideoSource,
-and a smoke run of scripts/benchmark_data.py."""
+"""HDF5 frame cache: build_cache and its CLI scripts/cache_frames.py (resume, crash safety, bad videos),
+FrameCache, VideoSource, and a smoke run of scripts/benchmark_data.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from emcl.data.cache import FrameCache, decode_key, encode_key
+from emcl.data.cache import CacheBuildError, FrameCache, build_cache, decode_key, encode_key
 from emcl.data.video import VideoError, VideoSource, read_frames
 
 try:  # tests/ may or may not be a package
@@ -85,6 +85,34 @@ def test_build_in_process_equals_read_frames(video_dir: Path, tmp_path: Path) ->
     with pytest.raises(VideoError, match="not in the frame cache") as info:
         source.load("v9")
     assert info.value.video_id == "v9" and str(out) in str(info.value)
+
+
+def test_build_cache_library_call(video_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "lib.h5"
+    summary = build_cache(video_dir, out, ids=["v1", "v3"], windows={"v3": (0.5, None)}, progress=False,
+                          **SETTINGS)
+    assert summary["num_videos"] == 2 and summary["num_failed"] == 0 and summary["decoded"] == 2
+    assert summary["failures"] == {} and not summary["up_to_date"] and summary["out"] == str(out)
+    cache = FrameCache(out)
+    for vid, (start, end) in [("v1", (None, None)), ("v3", (0.5, None))]:
+        frames, mask = cache.get(vid, start, end)
+        ref_frames, ref_mask = _decode(video_dir, vid, start, end)
+        assert torch.equal(frames, ref_frames) and torch.equal(mask, ref_mask), vid
+    cache.close()
+    again = build_cache(video_dir, out, ids=["v3", "v1"], windows={"v3": [0.5, None]}, progress=False,
+                        **SETTINGS)
+    assert again["up_to_date"] and again["decoded"] == 0 and again["num_videos"] == 2
+    # the whole of v3 was not cached (only a window): not up to date, v3 is decoded again
+    assert build_cache(video_dir, out, ids=["v3"], progress=False, **SETTINGS)["decoded"] == 1
+    assert torch.equal(FrameCache(out).get("v3")[0], _decode(video_dir, "v3")[0])
+    with pytest.raises(VideoError, match="skip_bad_videos") as info:  # exceptions, not SystemExit
+        build_cache(video_dir, tmp_path / "ghost.h5", ids=["ghost"], progress=False, **SETTINGS)
+    assert info.value.video_id == "ghost" and str(video_dir) in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CacheBuildError, match="no videos to cache"):
+        build_cache(tmp_path / "empty", tmp_path / "e.h5", progress=False, **SETTINGS)
+    with pytest.raises(CacheBuildError, match="window of 'v1'"):
+        build_cache(video_dir, tmp_path / "w.h5", windows={"v1": (1.0,)}, progress=False, **SETTINGS)
 
 
 def test_kill_midway_then_resume(video_dir: Path, tmp_path: Path) -> None:

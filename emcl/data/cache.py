@@ -1,4 +1,5 @@
-"""HDF5 frame cache: every video decoded once (``scripts/cache_frames.py``), clips then read in microseconds.
+"""HDF5 frame cache: every video decoded once (:func:`build_cache`, CLI ``scripts/cache_frames.py``), clips
+then read in microseconds.
 
 Layout (format ``emcl-frame-cache``, version 1)::
 
@@ -23,19 +24,23 @@ onto ``FILE.h5`` with ``os.replace``: a reader never sees an unfinished store.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shutil
+import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import h5py
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
-from emcl.data.video import VideoError
+from emcl.data.video import BACKENDS, VideoError, find_videos, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -421,3 +426,278 @@ class CacheWriter:
         if self.f is not None:
             self.f.close()
             self.f = None
+
+
+# ------------------------------------------------------------------------------------------ build
+
+Window = tuple[float | None, float | None]
+
+_SKIP_HINT = "(use skip_bad_videos=True / --skip_bad_videos to record it as failed and go on)"
+
+
+class CacheBuildError(ValueError):
+    """The inputs of a cache build are unusable (no videos to cache, a malformed id list or windows)."""
+
+
+def read_id_list(spec: str) -> list[str]:
+    """Ids from a text file (one per line, ``#`` comments) or a comma separated list; in order, no
+    duplicates."""
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as fh:
+            items = [line.strip() for line in fh]
+    else:
+        items = [s.strip() for s in spec.split(",")]
+    seen: dict[str, None] = {}
+    for item in items:
+        if item and not item.startswith("#"):
+            seen.setdefault(item, None)
+    return list(seen)
+
+
+def normalize_windows(raw: Any, source: str = "windows") -> dict[str, Window]:
+    """``{video_id: (start, end)}`` with float seconds or None (open end); ``source`` names the origin in
+    errors. Raises :class:`CacheBuildError` for anything that is not a mapping of ``[start, end]`` pairs."""
+    if not isinstance(raw, dict):
+        raise CacheBuildError(f"{source}: expected a mapping {{video_id: [start, end]}}, "
+                              f"got {type(raw).__name__}")
+    out: dict[str, Window] = {}
+    for vid, win in raw.items():
+        if not (isinstance(win, (list, tuple)) and len(win) == 2):
+            raise CacheBuildError(f"{source}: window of {vid!r} must be [start, end], got {win!r}")
+        try:
+            start, end = (None if w is None else float(w) for w in win)
+        except (TypeError, ValueError):
+            raise CacheBuildError(f"{source}: window of {vid!r} must hold numbers or null, "
+                                  f"got {win!r}") from None
+        out[str(vid)] = (start, end)
+    return out
+
+
+def read_windows(path: str | os.PathLike[str] | None) -> dict[str, Window]:
+    """Windows from a JSON file ``{"video_id": [start_s, end_s], ...}`` (``{}`` for None)."""
+    if path is None:
+        return {}
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as fh:
+        try:
+            raw = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise CacheBuildError(f"{path}: not valid JSON: {e}") from None
+    return normalize_windows(raw, source=path)
+
+
+def resolve_videos(video_path: str | os.PathLike[str],
+                   ids: list[str] | None) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(ids, id -> file, id -> problem) for the requested ids, or for every video file in the folder.
+
+    A video is found by file stem (or full file name) anywhere under ``video_path``; an id with no file or
+    with several files is a problem, reported per id rather than raised, so callers can skip it.
+    """
+    video_path = os.fspath(video_path)
+    if not os.path.isdir(video_path):
+        raise NotADirectoryError(f"video_path {video_path} is not a folder")
+    index = find_videos(video_path)
+    if ids is None:
+        files = sorted({p for paths in index.values() for p in paths})
+        by_stem: dict[str, list[str]] = {}
+        for path in files:
+            by_stem.setdefault(os.path.splitext(os.path.basename(path))[0], []).append(path)
+        ids = sorted(by_stem)
+        lookup = by_stem
+    else:
+        lookup = index
+    paths, problems = {}, {}
+    for vid in ids:
+        found = sorted(set(lookup.get(vid, [])))
+        if len(found) == 1:
+            paths[vid] = found[0]
+        elif not found:
+            problems[vid] = f"file not found under {video_path} (no video with stem {vid!r})"
+        else:
+            problems[vid] = f"ambiguous: several files have stem {vid!r}: {found}"
+    return ids, paths, problems
+
+
+class _DecodeJobs(Dataset):
+    """One item per video: decodes it in a DataLoader worker and returns the real frames or the error
+    (``error``: the full message stored in the cache, ``reason``: the same without the path and id)."""
+
+    def __init__(self, jobs: list[tuple[str, str, Window]], framerate: float, max_frames: int, size: int,
+                 backend: str) -> None:
+        self.jobs = jobs
+        self.kw = {"framerate": framerate, "max_frames": max_frames, "size": size, "backend": backend}
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        vid, path, (start, end) = self.jobs[i]
+        try:
+            frames, mask = read_frames(path, start=start, end=end, video_id=vid, **self.kw)
+        except Exception as e:  # every failure is reported per video (VideoError or a decoder surprise)
+            if isinstance(e, VideoError):
+                error, reason = str(e), e.reason
+            else:
+                reason = f"{type(e).__name__}: {e}"
+                error = f"{reason} ({path})"
+            return {"id": vid, "path": path, "frames": None, "error": error, "reason": reason}
+        n = int(mask.sum())
+        return {"id": vid, "path": path, "frames": frames[:n].numpy(), "error": None, "reason": None}
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _results(jobs: _DecodeJobs, workers: int) -> Iterator[dict[str, Any]]:
+    """Decoded videos in completion order. With workers, the worker processes start here, at once."""
+    if workers <= 0 or len(jobs) == 0:
+        return (jobs[i] for i in range(len(jobs)))
+    loader = DataLoader(jobs, batch_size=None, shuffle=False, num_workers=min(workers, len(jobs)),
+                        collate_fn=_identity, in_order=False, prefetch_factor=2)
+    return iter(loader)
+
+
+def _die(writer: CacheWriter, results: Any, vid: str, frames: np.ndarray, start: float | None,
+         end: float | None) -> None:
+    """Test hook (``_die_after``): crash like a kill in the middle of a write, deterministically.
+
+    Writes the next entry without its completion mark, kills the DataLoader workers (so no orphan keeps
+    the caller's pipes open) and then SIGKILLs this process.
+    """
+    writer.add(vid, frames, start, end, _complete=False)
+    for worker in getattr(results, "_workers", []):
+        os.kill(worker.pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _finished_store_covers(out: str, ids: list[str], windows: dict[str, Window],
+                           settings: dict[str, Any]) -> dict[str, int] | None:
+    """Counts of a finished store at ``out`` that already holds every id (with its requested window, or
+    recorded as failed), else None. Raises ValueError when the store was built with other settings."""
+    cache = FrameCache(out)
+    try:
+        cache.check_settings(**settings)
+        failed = cache.failed()
+        for vid in ids:
+            if vid in failed:
+                continue
+            group = cache._group(vid)
+            start, end = windows.get(vid, (None, None))
+            if group is None or not (_same_window(group.attrs.get("start", np.nan), start)
+                                     and _same_window(group.attrs.get("end", np.nan), end)):
+                return None
+        return {"num_videos": len(cache), "num_failed": len(failed)}
+    finally:
+        cache.close()
+
+
+def build_cache(video_path: str | os.PathLike[str], out: str | os.PathLike[str], *, max_frames: int,
+                framerate: float, size: int = 224, ids: Iterable[str] | None = None,
+                windows: dict[str, Window] | None = None, workers: int = 0, backend: str = "pyav",
+                skip_bad_videos: bool = False, compression: str | None = None, progress: bool = True,
+                _die_after: int | None = None) -> dict[str, Any]:
+    """Decode the videos under ``video_path`` (all, or ``ids``) once into the frame store ``out``.
+
+    Resumable and crash-safe (:class:`CacheWriter`): ids already stored with the same window are skipped,
+    a finished store is extended, and ``out`` only ever holds a finished store. ``windows`` maps ids to
+    ``(start, end)`` seconds to cache only that part. Videos are decoded by ``workers`` DataLoader
+    processes (0: in this process). A missing, ambiguous or undecodable video raises :class:`VideoError`
+    (naming the id and file) unless ``skip_bad_videos``, which records it as failed in the store.
+    ``compression``: None, ``"lzf"`` or ``"gzip"``. ``_die_after=N`` is a test hook: SIGKILL this process
+    in the middle of writing the entry after N decoded videos.
+
+    Returns a summary: ``out``, ``num_requested``, ``num_videos`` / ``num_failed`` (in the finished
+    store), ``decoded`` (this run), ``seconds``, ``failures`` ({id: reason}, this run) and ``up_to_date``
+    (True when there was nothing to do). Raises NotADirectoryError for a ``video_path`` that is not a
+    folder, :class:`CacheBuildError` when there is nothing to cache or the windows are malformed, and
+    ValueError when an existing store at ``out`` was built with other settings.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    if int(max_frames) < 1 or int(size) < 1 or not float(framerate) > 0:
+        raise ValueError(f"max_frames and size must be >= 1 and framerate > 0, got max_frames={max_frames}, "
+                         f"size={size}, framerate={framerate}")
+    if isinstance(ids, str):
+        raise TypeError("ids must be a list of video ids, not a string (read_id_list parses files and "
+                        "comma separated lists)")
+    settings = {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size)}
+    out = os.path.abspath(os.fspath(out))
+    writer = CacheWriter(out, backend=backend, compression=compression, **settings)  # checks compression
+    windows = normalize_windows(dict(windows or {}))
+    requested = None if ids is None else list(dict.fromkeys(ids))
+    all_ids, paths, problems = resolve_videos(video_path, requested)
+    if not all_ids:
+        what = "the id list is empty" if requested is not None else "no video files found"
+        raise CacheBuildError(f"no videos to cache under {os.fspath(video_path)}: {what}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    started = time.time()
+    summary: dict[str, Any] = {"out": out, "num_requested": len(all_ids), "decoded": 0, "failures": {},
+                               "up_to_date": False}
+
+    if os.path.isfile(out) and not os.path.exists(out + PARTIAL_SUFFIX):
+        counts = _finished_store_covers(out, all_ids, windows, settings)
+        if counts is not None:
+            log.info("%s: all %d videos already cached; nothing to do", out, len(all_ids))
+            return {**summary, **counts, "seconds": time.time() - started, "up_to_date": True}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # decoding parallelism comes from the workers
+    failures: dict[str, str] = summary["failures"]
+    decoded = 0
+    writer.open()
+    try:
+        done = writer.done(windows)
+        todo = [v for v in all_ids if v not in done]
+        for vid in todo:
+            if vid in problems:
+                if not skip_bad_videos:
+                    raise VideoError(f"{problems[vid]} {_SKIP_HINT}", path=os.fspath(video_path),
+                                     video_id=vid)
+                failures[vid] = problems[vid]
+                writer.add_failed(vid, problems[vid])
+        jobs = [(v, paths[v], windows.get(v, (None, None))) for v in todo if v in paths]
+        log.info("%s: %d videos, %d already cached%s, decoding %d with %d workers (%s)", out, len(all_ids),
+                 len(all_ids) - len(todo),
+                 f", {len(writer.dropped)} incomplete entries dropped" if writer.dropped else "",
+                 len(jobs), workers, backend)
+        dataset = _DecodeJobs(jobs, settings["framerate"], settings["max_frames"], settings["size"], backend)
+        # workers are forked while the HDF5 file is closed, so no child ever holds an open writer
+        writer.close()
+        results = _results(dataset, workers)
+        writer.reopen()
+        bar = tqdm(total=len(jobs), unit="video", disable=not progress, dynamic_ncols=True)
+        try:
+            for item in results:
+                vid = item["id"]
+                if item["error"] is not None:
+                    if not skip_bad_videos:
+                        raise VideoError(f"cannot be cached: {item['reason']} {_SKIP_HINT}",
+                                         path=item["path"], video_id=vid)
+                    failures[vid] = item["error"]
+                    writer.add_failed(vid, item["error"])
+                else:
+                    frames = np.asarray(item["frames"])
+                    start, end = windows.get(vid, (None, None))
+                    if _die_after is not None and decoded >= _die_after:
+                        _die(writer, results, vid, frames, start, end)
+                    writer.add(vid, frames, start, end)
+                    decoded += 1
+                bar.update(1)
+                bar.set_postfix(failed=len(failures), refresh=False)
+        finally:
+            bar.close()
+        counts = writer.finalize(all_ids)
+    finally:
+        writer.close()
+        torch.set_num_threads(threads)
+    took = time.time() - started
+    log.info("wrote %s: %d videos, %d failed, %.2f GB, %d decoded in %.1f s", out, counts["num_videos"],
+             counts["num_failed"], os.path.getsize(out) / 1e9, decoded, took)
+    if failures:
+        lines = [f"  {vid}: {reason}" for vid, reason in list(failures.items())[:20]]
+        if len(failures) > 20:
+            lines.append(f"  ... and {len(failures) - 20} more (FrameCache(path).failed() lists them)")
+        log.warning("%d videos could not be decoded and are recorded as failed in the store:\n%s",
+                    len(failures), "\n".join(lines))
+    return {**summary, **counts, "decoded": decoded, "seconds": took}
