@@ -132,7 +132,8 @@ def make_model(args, device: torch.device) -> EMCLNet:
         clip.set_grad_checkpointing(True)
     model = EMCLNet(clip, agg_module="seqTransf", agg_layers=min(4, cfg["text_layers"])).to(device)
     if args.compile:
-        model.clip.visual = torch.compile(model.clip.visual)
+        model.clip.visual.compile()
+        model.clip.transformer.compile()
     return model
 
 

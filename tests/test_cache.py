@@ -105,6 +105,17 @@ def test_build_cache_library_call(video_dir: Path, tmp_path: Path) -> None:
     # the whole of v3 was not cached (only a window): not up to date, v3 is decoded again
     assert build_cache(video_dir, out, ids=["v3"], progress=False, **SETTINGS)["decoded"] == 1
     assert torch.equal(FrameCache(out).get("v3")[0], _decode(video_dir, "v3")[0])
+    # the in-memory mode serves the same frames and the same errors, also after pickling (workers)
+    import pickle
+
+    mem = pickle.loads(pickle.dumps(FrameCache(out, in_memory=True)))
+    for vid in ("v1", "v3"):
+        assert all(torch.equal(a, b) for a, b in zip(mem.get(vid), FrameCache(out).get(vid)))
+    assert mem._memory is not None
+    with pytest.raises(VideoError, match="not in the frame cache"):
+        mem.get("ghost")
+    with pytest.raises(VideoError, match="window"):
+        mem.get("v1", 0.5, None)
     with pytest.raises(VideoError, match="skip_bad_videos") as info:  # exceptions, not SystemExit
         build_cache(video_dir, tmp_path / "ghost.h5", ids=["ghost"], progress=False, **SETTINGS)
     assert info.value.video_id == "ghost" and str(video_dir) in str(info.value)

@@ -89,13 +89,23 @@ def _stored_window(attrs: Any) -> tuple[float | None, float | None]:
 
 
 class FrameCache:
-    """Read side of the frame store. Picklable; the HDF5 file is opened lazily once per process."""
+    """Read side of the frame store. Picklable; the HDF5 file is opened lazily once per process.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``in_memory=True`` reads the whole store into RAM on first use in each process (one copy per
+    DataLoader worker) and serves every ``get`` from there: per-clip HDF5 lookups cost ~1 ms, which
+    matters for small, fast models such as the synthetic demo's.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], in_memory: bool = False) -> None:
         self.path = os.fspath(path)
+        self.in_memory = in_memory
+        self._memory: dict[str, tuple[np.ndarray, np.ndarray, Any, Any]] | None = None
         if not os.path.isfile(self.path):
-            hint = " (an unfinished build is in .partial: rerun scripts/cache_frames.py)" if os.path.isfile(
-                self.path + PARTIAL_SUFFIX) else ""
+            hint = (
+                " (an unfinished build is in .partial: rerun scripts/cache_frames.py)"
+                if os.path.isfile(self.path + PARTIAL_SUFFIX)
+                else ""
+            )
             raise FileNotFoundError(f"frame cache {self.path} not found{hint}")
         try:
             with h5py.File(self.path, "r") as f:
@@ -103,14 +113,18 @@ class FrameCache:
         except OSError as e:
             raise ValueError(f"frame cache {self.path} cannot be opened as HDF5: {e}") from None
         if attrs.get("format") != FORMAT:
-            raise ValueError(f"{self.path} is not an EMCL frame cache "
-                             f"(format attribute {attrs.get('format')!r})")
+            raise ValueError(
+                f"{self.path} is not an EMCL frame cache (format attribute {attrs.get('format')!r})"
+            )
         if int(attrs.get("version", -1)) != VERSION:
-            raise ValueError(f"frame cache {self.path} has version {attrs.get('version')}, this code reads "
-                             f"version {VERSION}; rebuild it")
+            raise ValueError(
+                f"frame cache {self.path} has version {attrs.get('version')}, this code reads "
+                f"version {VERSION}; rebuild it"
+            )
         if not bool(attrs.get("complete", False)):
-            raise ValueError(f"frame cache {self.path} is not a finished store; "
-                             "rerun scripts/cache_frames.py")
+            raise ValueError(
+                f"frame cache {self.path} is not a finished store; rerun scripts/cache_frames.py"
+            )
         self.max_frames = int(attrs["max_frames"])
         self.framerate = float(attrs["framerate"])
         self.size = int(attrs["size"])
@@ -130,6 +144,7 @@ class FrameCache:
         state = self.__dict__.copy()
         state["_file"] = None
         state["_pid"] = None
+        state["_memory"] = None
         return state
 
     def close(self) -> None:
@@ -185,37 +200,69 @@ class FrameCache:
             return {}
         return {decode_key(k): str(g.attrs.get("reason", "")) for k, g in failed.items()}
 
-    def get(self, video_id: str, start: float | None = None,
-            end: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(
+        self, video_id: str, start: float | None = None, end: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Frames uint8 (max_frames, 3, size, size), zero padded, and mask LongTensor (max_frames,).
 
         Raises :class:`VideoError` naming the cache and the id when the id is missing, was recorded as a
         failed video, or was cached for a different [start, end] window.
         """
-        group = self._group(video_id)
-        if group is None:
+        if self.in_memory:
+            if self._memory is None or self._pid != os.getpid():
+                videos = self._h5().get("videos") or {}
+                self._memory = {
+                    decode_key(k): (
+                        g["frames"][()],
+                        g["mask"][()],
+                        g.attrs.get("start", np.nan),
+                        g.attrs.get("end", np.nan),
+                    )
+                    for k, g in videos.items()
+                }
+            entry = self._memory.get(video_id)
+        else:
+            group = self._group(video_id)
+            entry = (
+                None
+                if group is None
+                else (
+                    group["frames"],
+                    group["mask"],
+                    group.attrs.get("start", np.nan),
+                    group.attrs.get("end", np.nan),
+                )
+            )
+        if entry is None:
             failed = self._h5().get("failed")
             key = encode_key(video_id)
             if failed is not None and key in failed:
                 reason = str(failed[key].attrs.get("reason", "unknown"))
-                raise VideoError(f"recorded as failed when the frame cache was built: {reason}",
-                                 path=self.path, video_id=video_id)
+                raise VideoError(
+                    f"recorded as failed when the frame cache was built: {reason}",
+                    path=self.path,
+                    video_id=video_id,
+                )
             raise VideoError("not in the frame cache", path=self.path, video_id=video_id)
-        if not (_same_window(group.attrs.get("start", np.nan), start)
-                and _same_window(group.attrs.get("end", np.nan), end)):
+        real, mask_u8, stored_start, stored_end = entry
+        if not (_same_window(stored_start, start) and _same_window(stored_end, end)):
+            stored = _stored_window({"start": stored_start, "end": stored_end})
             raise VideoError(
-                f"the frame cache holds {_fmt_window(*_stored_window(group.attrs))}, "
+                f"the frame cache holds {_fmt_window(*stored)}, "
                 f"but {_fmt_window(start, end)} was requested (build the cache with --windows)",
-                path=self.path, video_id=video_id)
-        real = group["frames"][()]
-        mask_u8 = group["mask"][()]
+                path=self.path,
+                video_id=video_id,
+            )
+        real, mask_u8 = real[()], mask_u8[()]
         frames = np.zeros((self.max_frames, 3, self.size, self.size), dtype=np.uint8)
         frames[: real.shape[0]] = real
         return torch.from_numpy(frames), torch.from_numpy(mask_u8.astype(np.int64))
 
     def __repr__(self) -> str:
-        return (f"FrameCache({self.path!r}, max_frames={self.max_frames}, framerate={self.framerate}, "
-                f"size={self.size})")
+        return (
+            f"FrameCache({self.path!r}, max_frames={self.max_frames}, framerate={self.framerate}, "
+            f"size={self.size})"
+        )
 
 
 # ------------------------------------------------------------------------------------------ writer
@@ -235,8 +282,17 @@ class CacheWriter:
     Usage: ``w = CacheWriter(out, ...); w.open(); w.add(...)/w.add_failed(...); w.finalize(ids)``.
     """
 
-    def __init__(self, out: str | os.PathLike[str], *, max_frames: int, framerate: float, size: int,
-                 backend: str, compression: str | None = None, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        max_frames: int,
+        framerate: float,
+        size: int,
+        backend: str,
+        compression: str | None = None,
+        fsync: bool = True,
+    ) -> None:
         if compression not in (None, "lzf", "gzip"):
             raise ValueError(f"compression must be None, 'lzf' or 'gzip', got {compression!r}")
         self.out = os.fspath(out)
@@ -255,11 +311,16 @@ class CacheWriter:
     def _check_attrs(self, path: str, attrs: Any) -> None:
         if attrs.get("format") != FORMAT or int(attrs.get("version", -1)) != VERSION:
             raise ValueError(f"{path} exists but is not a version-{VERSION} EMCL frame cache; move it away")
-        have = {"max_frames": int(attrs["max_frames"]), "framerate": float(attrs["framerate"]),
-                "size": int(attrs["size"])}
+        have = {
+            "max_frames": int(attrs["max_frames"]),
+            "framerate": float(attrs["framerate"]),
+            "size": int(attrs["size"]),
+        }
         if have != self._settings():
-            raise ValueError(f"{path} was built with {have}, but {self._settings()} was requested; delete it "
-                             "or rerun with the same settings")
+            raise ValueError(
+                f"{path} was built with {have}, but {self._settings()} was requested; delete it "
+                "or rerun with the same settings"
+            )
 
     def open(self) -> None:
         """Open (or create) the partial store, dropping entries a crash left incomplete."""
@@ -269,8 +330,9 @@ class CacheWriter:
             except OSError as e:
                 aside = f"{self.partial}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
                 os.replace(self.partial, aside)
-                log.warning("cannot reopen %s (%s); moved it to %s and starting again",
-                            self.partial, e, aside)
+                log.warning(
+                    "cannot reopen %s (%s); moved it to %s and starting again", self.partial, e, aside
+                )
                 f = None
             if f is not None:
                 try:
@@ -293,9 +355,18 @@ class CacheWriter:
             return
         tmp = self.partial + ".new"
         with h5py.File(tmp, "w") as f:
-            f.attrs.update({"format": FORMAT, "version": VERSION, "max_frames": self.max_frames,
-                            "framerate": self.framerate, "size": self.size, "backend": self.backend,
-                            "compression": self.compression or "none", "complete": False})
+            f.attrs.update(
+                {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "max_frames": self.max_frames,
+                    "framerate": self.framerate,
+                    "size": self.size,
+                    "backend": self.backend,
+                    "compression": self.compression or "none",
+                    "complete": False,
+                }
+            )
             f.create_group("videos")
             f.create_group("failed")
         os.replace(tmp, self.partial)
@@ -322,8 +393,12 @@ class CacheWriter:
         self.f.attrs["complete"] = False
         self._commit()
         if self.dropped:
-            log.warning("%s: dropped %d incomplete entries left by an interrupted run: %s", self.partial,
-                        len(self.dropped), self.dropped[:10])
+            log.warning(
+                "%s: dropped %d incomplete entries left by an interrupted run: %s",
+                self.partial,
+                len(self.dropped),
+                self.dropped[:10],
+            )
 
     def _commit(self) -> None:
         self.f.flush()
@@ -338,20 +413,30 @@ class CacheWriter:
             vid = decode_key(key)
             start, end = (windows or {}).get(vid, (None, None))
             if _same_window(group.attrs.get("start", np.nan), start) and _same_window(
-                    group.attrs.get("end", np.nan), end):
+                group.attrs.get("end", np.nan), end
+            ):
                 out.add(vid)
         return out
 
     # -- writes
-    def add(self, video_id: str, frames: np.ndarray, start: float | None = None, end: float | None = None,
-            *, _complete: bool = True) -> None:
+    def add(
+        self,
+        video_id: str,
+        frames: np.ndarray,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        _complete: bool = True,
+    ) -> None:
         """Store the real frames (T, 3, size, size) of one video, then mark it complete and flush."""
         frames = np.ascontiguousarray(frames)
         t = frames.shape[0]
         shape_ok = frames.ndim == 4 and frames.shape[1:] == (3, self.size, self.size)
         if frames.dtype != np.uint8 or not shape_ok or not 1 <= t <= self.max_frames:
-            raise ValueError(f"{video_id}: frames must be uint8 (1..{self.max_frames}, 3, {self.size}, "
-                             f"{self.size}), got {frames.dtype} {frames.shape}")
+            raise ValueError(
+                f"{video_id}: frames must be uint8 (1..{self.max_frames}, 3, {self.size}, "
+                f"{self.size}), got {frames.dtype} {frames.shape}"
+            )
         videos = self.f["videos"]
         key = encode_key(video_id)
         if key in videos:
@@ -364,8 +449,9 @@ class CacheWriter:
         mask = np.zeros(self.max_frames, np.uint8)
         mask[:t] = 1
         group.create_dataset("mask", data=mask)
-        group.attrs.update({"video_id": video_id, "num_frames": t, "start": _window_attr(start),
-                            "end": _window_attr(end)})
+        group.attrs.update(
+            {"video_id": video_id, "num_frames": t, "start": _window_attr(start), "end": _window_attr(end)}
+        )
         self.f.flush()  # data and metadata reach the file before the mark
         if not _complete:  # test hook: leave the entry a crash at this point would leave
             return
@@ -392,17 +478,25 @@ class CacheWriter:
             try:
                 shape, dtype = group["frames"].shape, group["frames"].dtype
                 mask = group["mask"][()]
-                ok = (bool(group.attrs.get("complete", False)) and dtype == np.uint8 and len(shape) == 4
-                      and shape[1:] == (3, self.size, self.size) and 1 <= shape[0] <= self.max_frames
-                      and mask.shape == (self.max_frames,) and int(mask.sum()) == shape[0])
+                ok = (
+                    bool(group.attrs.get("complete", False))
+                    and dtype == np.uint8
+                    and len(shape) == 4
+                    and shape[1:] == (3, self.size, self.size)
+                    and 1 <= shape[0] <= self.max_frames
+                    and mask.shape == (self.max_frames,)
+                    and int(mask.sum()) == shape[0]
+                )
             except Exception as e:
                 ok, shape = False, repr(e)
             if not ok:
                 problems.append(f"{decode_key(key)} ({shape})")
         missing = [v for v in expected if encode_key(v) not in videos and encode_key(v) not in failed]
         if problems or missing:
-            raise RuntimeError(f"{self.partial}: not finalised, {len(problems)} bad entries {problems[:5]} "
-                               f"and {len(missing)} missing ids {missing[:5]}; rerun to complete it")
+            raise RuntimeError(
+                f"{self.partial}: not finalised, {len(problems)} bad entries {problems[:5]} "
+                f"and {len(missing)} missing ids {missing[:5]}; rerun to complete it"
+            )
         counts = {"num_videos": len(videos), "num_failed": len(failed)}
         self.f.attrs.update({**counts, "complete": True})
         self._commit()
@@ -458,8 +552,9 @@ def normalize_windows(raw: Any, source: str = "windows") -> dict[str, Window]:
     """``{video_id: (start, end)}`` with float seconds or None (open end); ``source`` names the origin in
     errors. Raises :class:`CacheBuildError` for anything that is not a mapping of ``[start, end]`` pairs."""
     if not isinstance(raw, dict):
-        raise CacheBuildError(f"{source}: expected a mapping {{video_id: [start, end]}}, "
-                              f"got {type(raw).__name__}")
+        raise CacheBuildError(
+            f"{source}: expected a mapping {{video_id: [start, end]}}, got {type(raw).__name__}"
+        )
     out: dict[str, Window] = {}
     for vid, win in raw.items():
         if not (isinstance(win, (list, tuple)) and len(win) == 2):
@@ -467,8 +562,9 @@ def normalize_windows(raw: Any, source: str = "windows") -> dict[str, Window]:
         try:
             start, end = (None if w is None else float(w) for w in win)
         except (TypeError, ValueError):
-            raise CacheBuildError(f"{source}: window of {vid!r} must hold numbers or null, "
-                                  f"got {win!r}") from None
+            raise CacheBuildError(
+                f"{source}: window of {vid!r} must hold numbers or null, got {win!r}"
+            ) from None
         out[str(vid)] = (start, end)
     return out
 
@@ -486,8 +582,9 @@ def read_windows(path: str | os.PathLike[str] | None) -> dict[str, Window]:
     return normalize_windows(raw, source=path)
 
 
-def resolve_videos(video_path: str | os.PathLike[str],
-                   ids: list[str] | None) -> tuple[list[str], dict[str, str], dict[str, str]]:
+def resolve_videos(
+    video_path: str | os.PathLike[str], ids: list[str] | None
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
     """(ids, id -> file, id -> problem) for the requested ids, or for every video file in the folder.
 
     A video is found by file stem (or full file name) anywhere under ``video_path``; an id with no file or
@@ -522,8 +619,9 @@ class _DecodeJobs(Dataset):
     """One item per video: decodes it in a DataLoader worker and returns the real frames or the error
     (``error``: the full message stored in the cache, ``reason``: the same without the path and id)."""
 
-    def __init__(self, jobs: list[tuple[str, str, Window]], framerate: float, max_frames: int, size: int,
-                 backend: str) -> None:
+    def __init__(
+        self, jobs: list[tuple[str, str, Window]], framerate: float, max_frames: int, size: int, backend: str
+    ) -> None:
         self.jobs = jobs
         self.kw = {"framerate": framerate, "max_frames": max_frames, "size": size, "backend": backend}
 
@@ -553,13 +651,21 @@ def _results(jobs: _DecodeJobs, workers: int) -> Iterator[dict[str, Any]]:
     """Decoded videos in completion order. With workers, the worker processes start here, at once."""
     if workers <= 0 or len(jobs) == 0:
         return (jobs[i] for i in range(len(jobs)))
-    loader = DataLoader(jobs, batch_size=None, shuffle=False, num_workers=min(workers, len(jobs)),
-                        collate_fn=_identity, in_order=False, prefetch_factor=2)
+    loader = DataLoader(
+        jobs,
+        batch_size=None,
+        shuffle=False,
+        num_workers=min(workers, len(jobs)),
+        collate_fn=_identity,
+        in_order=False,
+        prefetch_factor=2,
+    )
     return iter(loader)
 
 
-def _die(writer: CacheWriter, results: Any, vid: str, frames: np.ndarray, start: float | None,
-         end: float | None) -> None:
+def _die(
+    writer: CacheWriter, results: Any, vid: str, frames: np.ndarray, start: float | None, end: float | None
+) -> None:
     """Test hook (``_die_after``): crash like a kill in the middle of a write, deterministically.
 
     Writes the next entry without its completion mark, kills the DataLoader workers (so no orphan keeps
@@ -571,8 +677,9 @@ def _die(writer: CacheWriter, results: Any, vid: str, frames: np.ndarray, start:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _finished_store_covers(out: str, ids: list[str], windows: dict[str, Window],
-                           settings: dict[str, Any]) -> dict[str, int] | None:
+def _finished_store_covers(
+    out: str, ids: list[str], windows: dict[str, Window], settings: dict[str, Any]
+) -> dict[str, int] | None:
     """Counts of a finished store at ``out`` that already holds every id (with its requested window, or
     recorded as failed), else None. Raises ValueError when the store was built with other settings."""
     cache = FrameCache(out)
@@ -584,19 +691,32 @@ def _finished_store_covers(out: str, ids: list[str], windows: dict[str, Window],
                 continue
             group = cache._group(vid)
             start, end = windows.get(vid, (None, None))
-            if group is None or not (_same_window(group.attrs.get("start", np.nan), start)
-                                     and _same_window(group.attrs.get("end", np.nan), end)):
+            if group is None or not (
+                _same_window(group.attrs.get("start", np.nan), start)
+                and _same_window(group.attrs.get("end", np.nan), end)
+            ):
                 return None
         return {"num_videos": len(cache), "num_failed": len(failed)}
     finally:
         cache.close()
 
 
-def build_cache(video_path: str | os.PathLike[str], out: str | os.PathLike[str], *, max_frames: int,
-                framerate: float, size: int = 224, ids: Iterable[str] | None = None,
-                windows: dict[str, Window] | None = None, workers: int = 0, backend: str = "pyav",
-                skip_bad_videos: bool = False, compression: str | None = None, progress: bool = True,
-                _die_after: int | None = None) -> dict[str, Any]:
+def build_cache(
+    video_path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    max_frames: int,
+    framerate: float,
+    size: int = 224,
+    ids: Iterable[str] | None = None,
+    windows: dict[str, Window] | None = None,
+    workers: int = 0,
+    backend: str = "pyav",
+    skip_bad_videos: bool = False,
+    compression: str | None = None,
+    progress: bool = True,
+    _die_after: int | None = None,
+) -> dict[str, Any]:
     """Decode the videos under ``video_path`` (all, or ``ids``) once into the frame store ``out``.
 
     Resumable and crash-safe (:class:`CacheWriter`): ids already stored with the same window are skipped,
@@ -616,11 +736,15 @@ def build_cache(video_path: str | os.PathLike[str], out: str | os.PathLike[str],
     if backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
     if int(max_frames) < 1 or int(size) < 1 or not float(framerate) > 0:
-        raise ValueError(f"max_frames and size must be >= 1 and framerate > 0, got max_frames={max_frames}, "
-                         f"size={size}, framerate={framerate}")
+        raise ValueError(
+            f"max_frames and size must be >= 1 and framerate > 0, got max_frames={max_frames}, "
+            f"size={size}, framerate={framerate}"
+        )
     if isinstance(ids, str):
-        raise TypeError("ids must be a list of video ids, not a string (read_id_list parses files and "
-                        "comma separated lists)")
+        raise TypeError(
+            "ids must be a list of video ids, not a string (read_id_list parses files and "
+            "comma separated lists)"
+        )
     settings = {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size)}
     out = os.path.abspath(os.fspath(out))
     writer = CacheWriter(out, backend=backend, compression=compression, **settings)  # checks compression
@@ -632,8 +756,13 @@ def build_cache(video_path: str | os.PathLike[str], out: str | os.PathLike[str],
         raise CacheBuildError(f"no videos to cache under {os.fspath(video_path)}: {what}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     started = time.time()
-    summary: dict[str, Any] = {"out": out, "num_requested": len(all_ids), "decoded": 0, "failures": {},
-                               "up_to_date": False}
+    summary: dict[str, Any] = {
+        "out": out,
+        "num_requested": len(all_ids),
+        "decoded": 0,
+        "failures": {},
+        "up_to_date": False,
+    }
 
     if os.path.isfile(out) and not os.path.exists(out + PARTIAL_SUFFIX):
         counts = _finished_store_covers(out, all_ids, windows, settings)
@@ -652,15 +781,22 @@ def build_cache(video_path: str | os.PathLike[str], out: str | os.PathLike[str],
         for vid in todo:
             if vid in problems:
                 if not skip_bad_videos:
-                    raise VideoError(f"{problems[vid]} {_SKIP_HINT}", path=os.fspath(video_path),
-                                     video_id=vid)
+                    raise VideoError(
+                        f"{problems[vid]} {_SKIP_HINT}", path=os.fspath(video_path), video_id=vid
+                    )
                 failures[vid] = problems[vid]
                 writer.add_failed(vid, problems[vid])
         jobs = [(v, paths[v], windows.get(v, (None, None))) for v in todo if v in paths]
-        log.info("%s: %d videos, %d already cached%s, decoding %d with %d workers (%s)", out, len(all_ids),
-                 len(all_ids) - len(todo),
-                 f", {len(writer.dropped)} incomplete entries dropped" if writer.dropped else "",
-                 len(jobs), workers, backend)
+        log.info(
+            "%s: %d videos, %d already cached%s, decoding %d with %d workers (%s)",
+            out,
+            len(all_ids),
+            len(all_ids) - len(todo),
+            f", {len(writer.dropped)} incomplete entries dropped" if writer.dropped else "",
+            len(jobs),
+            workers,
+            backend,
+        )
         dataset = _DecodeJobs(jobs, settings["framerate"], settings["max_frames"], settings["size"], backend)
         # workers are forked while the HDF5 file is closed, so no child ever holds an open writer
         writer.close()
@@ -672,8 +808,11 @@ def build_cache(video_path: str | os.PathLike[str], out: str | os.PathLike[str],
                 vid = item["id"]
                 if item["error"] is not None:
                     if not skip_bad_videos:
-                        raise VideoError(f"cannot be cached: {item['reason']} {_SKIP_HINT}",
-                                         path=item["path"], video_id=vid)
+                        raise VideoError(
+                            f"cannot be cached: {item['reason']} {_SKIP_HINT}",
+                            path=item["path"],
+                            video_id=vid,
+                        )
                     failures[vid] = item["error"]
                     writer.add_failed(vid, item["error"])
                 else:
@@ -692,12 +831,22 @@ def build_cache(video_path: str | os.PathLike[str], out: str | os.PathLike[str],
         writer.close()
         torch.set_num_threads(threads)
     took = time.time() - started
-    log.info("wrote %s: %d videos, %d failed, %.2f GB, %d decoded in %.1f s", out, counts["num_videos"],
-             counts["num_failed"], os.path.getsize(out) / 1e9, decoded, took)
+    log.info(
+        "wrote %s: %d videos, %d failed, %.2f GB, %d decoded in %.1f s",
+        out,
+        counts["num_videos"],
+        counts["num_failed"],
+        os.path.getsize(out) / 1e9,
+        decoded,
+        took,
+    )
     if failures:
         lines = [f"  {vid}: {reason}" for vid, reason in list(failures.items())[:20]]
         if len(failures) > 20:
             lines.append(f"  ... and {len(failures) - 20} more (FrameCache(path).failed() lists them)")
-        log.warning("%d videos could not be decoded and are recorded as failed in the store:\n%s",
-                    len(failures), "\n".join(lines))
+        log.warning(
+            "%d videos could not be decoded and are recorded as failed in the store:\n%s",
+            len(failures),
+            "\n".join(lines),
+        )
     return {**summary, **counts, "decoded": decoded, "seconds": took}

@@ -38,11 +38,14 @@ class Skipped:
         return False
 
 
-def _tokenize_one(caption: str, max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_split(split: RetrievalSplit, max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption of ``split`` tokenised once, up front (errors surface before training starts)."""
     from emcl.clip import tokenize
 
-    ids, mask = tokenize(caption, max_words)
-    return ids[0], mask[0]
+    try:
+        return tokenize(split.captions, max_words)
+    except ValueError as e:
+        raise ValueError(f"{split.datatype}/{split.split}: {e}") from e
 
 
 def _load_video(split: RetrievalSplit, source, video_index: int):
@@ -66,6 +69,7 @@ class TrainDataset(Dataset):
         self.max_words = max_words
         self.augment = augment
         self.skip_bad_videos = skip_bad_videos
+        self.text_ids, self.text_mask = tokenize_split(split, max_words)
 
     def __len__(self) -> int:
         return len(self.split.captions)
@@ -86,8 +90,8 @@ class TrainDataset(Dataset):
             if n > 0:
                 frames = frames.clone()
                 frames[:n] = self.augment(frames[:n])
-        text_ids, text_mask = _tokenize_one(self.split.captions[index], self.max_words)
-        return {"text_ids": text_ids, "text_mask": text_mask, "frames": frames, "frame_mask": frame_mask,
+        return {"text_ids": self.text_ids[index], "text_mask": self.text_mask[index], "frames": frames,
+                "frame_mask": frame_mask,
                 "video_index": v, "caption_index": index}
 
 
@@ -97,13 +101,13 @@ class TextDataset(Dataset):
     def __init__(self, split: RetrievalSplit, max_words: int) -> None:
         self.split = split
         self.max_words = max_words
+        self.text_ids, self.text_mask = tokenize_split(split, max_words)
 
     def __len__(self) -> int:
         return len(self.split.captions)
 
     def __getitem__(self, index: int) -> dict:
-        text_ids, text_mask = _tokenize_one(self.split.captions[index], self.max_words)
-        return {"text_ids": text_ids, "text_mask": text_mask, "caption_index": index}
+        return {"text_ids": self.text_ids[index], "text_mask": self.text_mask[index], "caption_index": index}
 
 
 class VideoDataset(Dataset):

@@ -512,7 +512,7 @@ class VideoSource:
 
     def __init__(self, video_path: str | None, *, framerate: float, max_frames: int, size: int,
                  backend: str = DEFAULT_BACKEND, frame_cache: str | None = None,
-                 any_extension: bool = False) -> None:
+                 any_extension: bool = False, cache_in_memory: bool = False) -> None:
         if backend not in _READERS:
             raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
         if video_path is None and frame_cache is None:
@@ -528,7 +528,7 @@ class VideoSource:
         if frame_cache is not None:
             from emcl.data.cache import FrameCache
 
-            self.cache = FrameCache(frame_cache)
+            self.cache = FrameCache(frame_cache, in_memory=cache_in_memory)
             self.cache.check_settings(max_frames=max_frames, framerate=framerate, size=size)
 
     def path_for(self, video_id: str) -> str:

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--anno_path", default=None, help="folder of the dataset's annotation files")
     a("--video_path", default=None, help="folder of the videos")
     a("--frame_cache", default=None, help="HDF5 frame store from scripts/cache_frames.py")
+    a("--cache_in_memory", type=int, default=0, help="hold the whole frame cache in RAM (per worker)")
     a("--msrvtt_train", default="9k", choices=("9k", "7k", "full"))
     a("--msrvtt_test", default="1k", choices=("1k", "full"))
     a("--max_words", type=int, default=32)
@@ -163,20 +164,36 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
 
 # ----------------------------------------------------------------------------------------------- data
 def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
-    """Generate the synthetic dataset on first use when the config asks for it and no data was given."""
+    """Generate the synthetic dataset (and its frame cache) on first use when the config asks for it
+    and no data was given on the command line."""
     if cfg.anno_path is not None or not cfg.synthetic:
         if cfg.anno_path is None:
             raise SystemExit("--anno_path is required (or use a config with a synthetic dataset)")
         return
+    from emcl.data.cache import build_cache
     from emcl.data.synthetic import make_synthetic
 
     syn = dict(cfg.synthetic)
     out = Path(syn.pop("out", "data/synthetic"))
+    use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
+    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px.h5"
     if info.is_main:
         make_synthetic(out, format=cfg.datatype, **syn)
+        if use_cache:
+            build_cache(
+                out / "videos",
+                cache,
+                max_frames=cfg.max_frames,
+                framerate=cfg.video_framerate,
+                size=cfg.image_size,
+                workers=min(2, cfg.workers),
+                backend=cfg.decode_backend,
+            )
     dist.barrier()
     cfg.anno_path = str(out / "annotations")
     cfg.video_path = str(out / "videos")
+    if use_cache:
+        cfg.frame_cache = str(cache)
 
 
 def video_source(cfg: argparse.Namespace) -> VideoSource:
@@ -188,6 +205,7 @@ def video_source(cfg: argparse.Namespace) -> VideoSource:
         backend=cfg.decode_backend,
         frame_cache=cfg.frame_cache,
         any_extension=cfg.datatype == "msvd",
+        cache_in_memory=bool(cfg.cache_in_memory),
     )
 
 
@@ -380,10 +398,8 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    if cfg.faithful:  # the reference's fp16 CLIP with lr 1e-7 does not move: freeze it
-        for p in model.clip.parameters():
-            p.requires_grad_(False)
-        model.clip.logit_scale.requires_grad_(True)
+    if cfg.faithful:  # the reference's fp16 CLIP (logit_scale included) at lr 1e-7 does not move: freeze it
+        model.clip.requires_grad_(False)
     groups = param_groups(model, cfg.lr, cfg.coef_lr, cfg.weight_decay, faithful=cfg.faithful)
     optimizer = build_optimizer(groups, faithful=cfg.faithful)
     scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_proportion, faithful=cfg.faithful)
@@ -400,13 +416,14 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
     elif cfg.resume:
         log.info("--resume: no %s yet, starting from scratch", last)
 
+    if cfg.compile:  # in place: module tree and checkpoint keys stay as they are
+        model.clip.visual.compile()
+        model.clip.transformer.compile()
     ddp = model
     if info.world_size > 1:
         ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
         )
-    if cfg.compile:
-        model.clip = torch.compile(model.clip)
     gather = None
     if info.world_size > 1:
 
@@ -559,8 +576,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res["selected_on_test"] = True
         metrics[split] = res
         log.info(
-            "%s results (eval_block=%s, %d texts x %d videos):\n%s",
+            "%s results (%s, eval_block=%s, %d texts x %d videos):\n%s",
             split,
+            cfg.datatype,
             res["eval_block"],
             res["num_texts"],
             res["num_videos"],
@@ -568,8 +586,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if info.is_main:
         save_json(metrics, out / "metrics.json")
-        print(f"\n{cfg.eval_split} results ({cfg.datatype}, eval_block={cfg.eval_block}):")
-        print(format_table(metrics[cfg.eval_split]))
+        log.info("metrics written to %s", out / "metrics.json")
     dist.cleanup()
     return metrics
 

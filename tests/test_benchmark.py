@@ -1,0 +1,47 @@
+"""scripts/benchmark.py runs end to end on the CPU with --tiny and writes its JSON report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_tiny_cpu(tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/benchmark.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--paper_loop",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in (
+        "device",
+        "train_clips_per_s",
+        "peak_mem_gb",
+        "eval_clips_per_s",
+        "similarity_s",
+        "similarity_query_s",
+        "similarity_paper_loop_s",
+        "parity_loss_rel_diff",
+    ):
+        assert key in res, key
+    assert res["train_clips_per_s"] > 0 and res["eval_clips_per_s"] > 0 and res["similarity_s"] > 0
+    # the bf16 fast path agrees with plain fp32 on the same inputs
+    assert res["parity_loss_rel_diff"] < 2e-2 and res["parity_similarity_max_abs_diff"] < 5e-2
+    assert "train_clips_per_s" in proc.stdout  # the printed table
