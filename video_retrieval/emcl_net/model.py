@@ -180,7 +180,9 @@ class EMCLNet(nn.Module):
         Frames are normalised here on their device; padded slots become zero after normalisation, as the
         reference's zero-padded inputs.
         """
-        x = normalize_frames(frames) * frame_mask[:, :, None, None, None].to(torch.float32)
+        dev = frames.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
+        x = normalize_frames(frames, dtype, mask=frame_mask)
         feats = self.clip.encode_frames(x)
         if self.agg is not None:
             feats = self.agg(feats, frame_mask)
