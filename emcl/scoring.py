@@ -67,7 +67,7 @@ def score_matrix(
     mask: torch.Tensor,
     mode: EvalBlock = "query",
     block: int = 32,
-    chunk: int = 16,
+    chunk: int | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> torch.Tensor:
@@ -75,7 +75,8 @@ def score_matrix(
 
     Rows are dealt to ranks in contiguous spans of whole ``block``-sized text blocks, so concatenating
     every rank's rows in rank order gives the full matrix, identical to a single-process run.
-    ``chunk`` bounds memory: text blocks (paper) or queries (query, none) scored per call.
+    ``chunk`` bounds memory: text blocks (paper; default 4, i.e. 4 x V/32 EM problems per call) or
+    queries (query, none; default 16) scored per call.
     """
     a = t.shape[0]
     n_blocks = -(-a // block)
@@ -83,7 +84,8 @@ def score_matrix(
     lo, hi = min(a, rank * per_rank * block), min(a, (rank + 1) * per_rank * block)
     t = t[lo:hi]
     if mode == "paper":
-        return _paper_rows(score_fn, t, f, mask, block, chunk)
+        return _paper_rows(score_fn, t, f, mask, block, chunk or 4)
+    chunk = chunk or 16
     if mode not in ("query", "none"):
         raise ValueError(f"eval_block must be paper, query or none, got {mode!r}")
     rows = []
