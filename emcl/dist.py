@@ -171,39 +171,53 @@ def cleanup() -> None:
 
 
 class _AllGatherGrad(torch.autograd.Function):
-    """Concatenate equal-shaped tensors from all ranks along dim 0; see the module docstring for backward."""
+    """Concatenate tensors from all ranks along dim 0; see the module docstring for backward.
+
+    ``sizes`` (the length of every rank's tensor) allows ranks to differ in length: each pads to the
+    longest for the collective and the padding is cut out again. ``None`` means equal lengths.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, reduce_grads: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, reduce_grads: bool, sizes: list[int] | None) -> Tensor:  # type: ignore[override]
         world, rank = dist.get_world_size(), dist.get_rank()
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x)
+        n = x.shape[0]
+        sizes = sizes or [n] * world
+        longest = max(sizes)
+        padded = x if n == longest else torch.cat([x, x.new_zeros((longest - n, *x.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
         ctx.reduce_grads = reduce_grads
-        ctx.rank, ctx.n = rank, x.shape[0]
-        return torch.cat(parts, dim=0)
+        ctx.start, ctx.n = sum(sizes[:rank]), n
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)], dim=0)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         if ctx.reduce_grads:
             grad = grad.contiguous().clone()
             dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        start = ctx.rank * ctx.n
-        return grad[start : start + ctx.n], None
+        return grad[ctx.start : ctx.start + ctx.n], None, None
 
 
-def all_gather_with_grad(x: Tensor, reduce_grads: bool = True) -> Tensor:
-    """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0, in rank order.
+def all_gather_with_grad(x: Tensor, reduce_grads: bool = True, variable: bool = False) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, in rank order.
 
     Gradient reaches only the local slice. ``reduce_grads=True`` sums that slice's gradient over ranks
     (correct full-batch gradient after DDP's averaging); ``False`` reproduces the reference (1/W scale).
-    Identity in a single process.
+    ``variable=True`` lets the ranks' lengths differ (e.g. after skipping unreadable videos); it costs one
+    extra small collective and a host sync to learn the lengths. Identity in a single process.
     """
     if get_world_size() == 1:
         return x
     if x.dim() == 0:
         raise ValueError("all_gather_with_grad needs a tensor with a batch dimension, got a scalar")
-    return _AllGatherGrad.apply(x, reduce_grads)
+    sizes = None
+    if variable:
+        n = torch.tensor([x.shape[0]], dtype=torch.long, device=_comm_device())
+        counts = [torch.empty_like(n) for _ in range(get_world_size())]
+        dist.all_gather(counts, n)
+        sizes = [int(c) for c in torch.cat(counts).tolist()]
+    return _AllGatherGrad.apply(x, reduce_grads, sizes)
 
 
 def _gather_shapes(x: Tensor, device: torch.device) -> list[tuple[int, ...]]:

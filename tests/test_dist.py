@@ -91,6 +91,12 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         res["gather"] = all_gather_with_grad(x)
         var = torch.arange(2 if rank == 0 else 5).repeat_interleave(3).reshape(-1, 3) + 10 * rank
         res["gather_var"] = gather_tensors_no_grad(var)
+        # ranks of different lengths (a skipped video), with gradient: d(sum(w * all))/dx is w's slice
+        xv = torch.ones(1 if rank == 0 else 3, 2, requires_grad=True)
+        allv = all_gather_with_grad(xv * (rank + 1), variable=True)
+        weights = torch.arange(8, dtype=torch.float32).reshape(4, 2)
+        (allv * weights).sum().backward()
+        res["gather_var_grad"] = (allv.detach(), xv.grad.clone())
         res["gather_empty"] = gather_tensors_no_grad(torch.full((0 if rank == 0 else 2, 2), 7.0))
         try:
             gather_tensors_no_grad(torch.zeros(2, 3 if rank == 0 else 4))
@@ -199,6 +205,16 @@ def test_two_ranks_gather_variable_lengths(two_rank_results):
         assert torch.equal(res["gather_var"], want)
         assert torch.equal(res["gather_empty"], torch.full((2, 2), 7.0))
         assert "trailing shape" in res["mismatch_error"]
+
+
+def test_two_ranks_gather_with_grad_variable_lengths(two_rank_results):
+    for rank, res in enumerate(two_rank_results):
+        allv, grad = res["gather_var_grad"]
+        assert torch.equal(allv, torch.tensor([[1.0, 1.0], [2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]))
+        weights = torch.arange(8, dtype=torch.float32).reshape(4, 2)
+        rows = slice(0, 1) if rank == 0 else slice(1, 4)
+        # every rank computed the same loss, so the summed slice gradient is W x (its rows of weights)
+        assert torch.equal(grad, 2 * weights[rows] * (rank + 1))
 
 
 def test_two_ranks_gradient_scaling(two_rank_results):

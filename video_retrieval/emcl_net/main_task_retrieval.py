@@ -430,7 +430,8 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
         def gather(x):  # noqa: E306 - closure over the reduce mode
             if not x.is_floating_point():
                 return dist.gather_tensors_no_grad(x)
-            return dist.all_gather_with_grad(x, reduce_grads=not cfg.faithful)
+            # with skipped videos the ranks' batches can differ in length
+            return dist.all_gather_with_grad(x, reduce_grads=not cfg.faithful, variable=cfg.skip_bad_videos)
 
     select_split = "test" if cfg.select_on_test else ("val" if has_split(cfg.datatype, "val") else None)
     select_data = get_split(cfg, select_split) if select_split else None
@@ -448,6 +449,13 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
         for batch in bar:
             skipped += batch["num_skipped"]
             skipped_ids.update(batch["skipped_ids"])
+            if "text_ids" not in batch:  # every clip of this batch was unreadable
+                if info.world_size > 1:
+                    raise RuntimeError(
+                        f"rank {info.rank}: every clip of a batch was unreadable: "
+                        f"{', '.join(batch['skipped_ids'])}"
+                    )
+                continue
             ids = batch["text_ids"].to(device, non_blocking=True)
             tmask = batch["text_mask"].to(device, non_blocking=True)
             frames = batch["frames"].to(device, non_blocking=True)
