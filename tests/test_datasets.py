@@ -36,13 +36,20 @@ FRAMES, SIZE, WORDS = 8, 32, 16
 def synth(tmp_path_factory) -> dict[str, Path]:
     """One tiny set per format: 12 videos split 9/1/2, 8 frames at 4 fps, 32 px."""
     root = tmp_path_factory.mktemp("synth")
-    return {f: make_synthetic(root / f, 12, seed=11, format=f, frames=FRAMES, fps=4, size=SIZE).parent
-            for f in FORMATS}
+    return {
+        f: make_synthetic(root / f, 12, seed=11, format=f, frames=FRAMES, fps=4, size=SIZE).parent
+        for f in FORMATS
+    }
 
 
 def _source(root: Path, fmt: str, video_dir: Path | None = None) -> VideoSource:
-    return VideoSource(str(video_dir or root / "videos"), framerate=4, max_frames=FRAMES, size=SIZE,
-                       any_extension=fmt == "msvd")
+    return VideoSource(
+        str(video_dir or root / "videos"),
+        framerate=4,
+        max_frames=FRAMES,
+        size=SIZE,
+        any_extension=fmt == "msvd",
+    )
 
 
 # (format, options, split) -> (videos, captions)
@@ -83,8 +90,11 @@ def _check_frames(batch: dict, n: int) -> None:
     assert batch["frames"].float().std() > 10  # real content, not zeros
 
 
-@pytest.mark.parametrize("fmt, options, split, n_videos, n_captions", CASES,
-                         ids=[f"{c[0]}-{c[2]}-{'-'.join(c[1].values()) or 'default'}" for c in CASES])
+@pytest.mark.parametrize(
+    "fmt, options, split, n_videos, n_captions",
+    CASES,
+    ids=[f"{c[0]}-{c[2]}-{'-'.join(c[1].values()) or 'default'}" for c in CASES],
+)
 def test_load_split_and_datasets(synth, fmt, options, split, n_videos, n_captions) -> None:
     root = synth[fmt]
     assert has_split(fmt, split, root / "annotations", **options)
@@ -206,14 +216,17 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("fmt, split, expected", [
-    ("msrvtt", "train", "MSRVTT_data.json"),
-    ("msrvtt", "test", "MSRVTT_JSFUSION_test.csv"),
-    ("msvd", "train", "train_list.txt"),
-    ("lsmdc", "test", "LSMDC16_challenge_1000_publictect.csv"),
-    ("activitynet", "train", "train.json"),
-    ("didemo", "test", "test_data.json"),
-])
+@pytest.mark.parametrize(
+    "fmt, split, expected",
+    [
+        ("msrvtt", "train", "MSRVTT_data.json"),
+        ("msrvtt", "test", "MSRVTT_JSFUSION_test.csv"),
+        ("msvd", "train", "train_list.txt"),
+        ("lsmdc", "test", "LSMDC16_challenge_1000_publictect.csv"),
+        ("activitynet", "train", "train.json"),
+        ("didemo", "test", "test_data.json"),
+    ],
+)
 def test_missing_file_names_file_and_folder(tmp_path: Path, fmt: str, split: str, expected: str) -> None:
     with pytest.raises(FileNotFoundError) as e:
         load_split(fmt, tmp_path, split)
@@ -251,8 +264,10 @@ def test_bad_annotations_raise_clear_errors(synth, tmp_path: Path) -> None:
     _write(msrvtt / "MSRVTT_train.9k.csv", (msrvtt / "MSRVTT_train.9k.csv").read_text() + "video999\n")
     with pytest.raises(ValueError, match=r"MSRVTT_train\.9k\.csv.*'video999'.*no annotation"):
         load_split("msrvtt", msrvtt, "train")
-    _write(msrvtt / "MSRVTT_JSFUSION_test.csv", "key,vid_key,video_id,sentence\nret0,msr1,video1,a cat\n"
-                                                  "ret1,msr1,video1,a dog\n")
+    _write(
+        msrvtt / "MSRVTT_JSFUSION_test.csv",
+        "key,vid_key,video_id,sentence\nret0,msr1,video1,a cat\nret1,msr1,video1,a dog\n",
+    )
     with pytest.raises(ValueError, match="duplicate video id 'video1'"):
         load_split("msrvtt", msrvtt, "test")
 
@@ -290,10 +305,12 @@ def test_bad_annotations_raise_clear_errors(synth, tmp_path: Path) -> None:
 
 
 def test_lsmdc_quotes_are_kept_verbatim(tmp_path: Path) -> None:
-    rows = ['0001_A_00.00.01.000-00.00.02.000\t00.00.01.000\t00.00.02.000\t00.00.01.000\t00.00.02.000\t'
-            '"SOMEONE runs.\n',
-            '0001_A_00.00.03.000-00.00.04.000\t00.00.03.000\t00.00.04.000\t00.00.03.000\t00.00.04.000\t'
-            'He says "stop" and, quietly, leaves.\n']
+    rows = [
+        "0001_A_00.00.01.000-00.00.02.000\t00.00.01.000\t00.00.02.000\t00.00.01.000\t00.00.02.000\t"
+        '"SOMEONE runs.\n',
+        "0001_A_00.00.03.000-00.00.04.000\t00.00.03.000\t00.00.04.000\t00.00.03.000\t00.00.04.000\t"
+        'He says "stop" and, quietly, leaves.\n',
+    ]
     _write(tmp_path / "LSMDC16_annos_val.csv", "".join(rows))
     s = load_split("lsmdc", tmp_path, "val")
     assert s.captions == ['"SOMEONE runs.', 'He says "stop" and, quietly, leaves.']
@@ -338,8 +355,13 @@ def test_bad_video_raises_or_is_skipped(synth, tmp_path: Path, caplog) -> None:
     assert batch["num_skipped"] == 5 and batch["skipped_ids"] == [bad] * 5  # the bad video has 5 captions
     assert batch["frames"].shape[0] == len(train) - 5
 
-    vids = next(iter(build_loader(VideoDataset(s, source, skip_bad_videos=True), batch_size=2, shuffle=False,
-                                  seed=0, workers=0)))
+    vids = next(
+        iter(
+            build_loader(
+                VideoDataset(s, source, skip_bad_videos=True), batch_size=2, shuffle=False, seed=0, workers=0
+            )
+        )
+    )
     assert vids["valid"].tolist() == [True, False]
     assert (vids["frames"][1] == 0).all() and (vids["frame_mask"][1] == 0).all()
     assert vids["frames"][0].float().std() > 10
@@ -392,3 +414,29 @@ def test_distributed_sampler_when_process_group_is_up(tmp_path: Path) -> None:
         assert not isinstance(local.sampler, DistributedSampler)
     finally:
         dist.destroy_process_group()
+
+
+def test_augmentation_is_keyed_by_seed_epoch_and_index(tmp_path):
+    """With epoch keys a sample's augmentation depends on (seed, epoch, index) alone, not on the workers."""
+    from emcl.data.augment import ClipRandAugment
+    from emcl.data.datasets import TrainDataset, load_split
+    from emcl.data.loader import build_loader, set_epoch
+    from emcl.data.synthetic import make_synthetic
+    from emcl.data.video import VideoSource
+
+    anno = make_synthetic(
+        tmp_path / "syn", 8, seed=4, format="msrvtt", split_sizes=(6, 0, 2), frames=8, fps=4, size=32
+    )
+    split = load_split("msrvtt", anno, "train")
+    source = VideoSource(tmp_path / "syn" / "videos", framerate=4, max_frames=4, size=32)
+    ds = TrainDataset(split, source, 16, augment=ClipRandAugment(), seed=7)
+    assert torch.equal(ds[(1, 3)]["frames"], ds[(1, 3)]["frames"])
+    assert not torch.equal(ds[(1, 3)]["frames"], ds[(2, 3)]["frames"])
+
+    def epoch_frames(workers: int, epoch: int) -> dict[int, torch.Tensor]:
+        loader = build_loader(ds, batch_size=4, shuffle=True, seed=0, workers=workers, epoch_keys=True)
+        set_epoch(loader, epoch)
+        return {int(i): f for b in loader for i, f in zip(b["caption_index"], b["frames"])}
+
+    a, b = epoch_frames(0, 1), epoch_frames(2, 1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -63,20 +63,24 @@ class TrainDataset(Dataset):
 
     def __init__(self, split: RetrievalSplit, source, max_words: int,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 skip_bad_videos: bool = False) -> None:
+                 skip_bad_videos: bool = False, seed: int = 0) -> None:
         self.split = split
         self.source = source
         self.max_words = max_words
         self.augment = augment
         self.skip_bad_videos = skip_bad_videos
+        self.seed = int(seed)
         self.text_ids, self.text_mask = tokenize_split(split, max_words)
 
     def __len__(self) -> int:
         return len(self.split.captions)
 
-    def __getitem__(self, index: int) -> dict | Skipped:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | Skipped:
+        """``key`` is an index, or ``(epoch, index)`` from an :class:`~emcl.data.loader.EpochKeyedSampler`:
+        then the augmentation is seeded from (seed, epoch, index) and repeats exactly, e.g. on resume."""
         from emcl.data.video import VideoError
 
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         v = self.split.caption_video[index]
         try:
             frames, frame_mask = _load_video(self.split, self.source, v)
@@ -89,7 +93,12 @@ class TrainDataset(Dataset):
             n = int(frame_mask.sum())
             if n > 0:
                 frames = frames.clone()
-                frames[:n] = self.augment(frames[:n])
+                if epoch is None:
+                    frames[:n] = self.augment(frames[:n])
+                else:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+                        frames[:n] = self.augment(frames[:n])
         return {"text_ids": self.text_ids[index], "text_mask": self.text_mask[index], "frames": frames,
                 "frame_mask": frame_mask,
                 "video_index": v, "caption_index": index}

@@ -8,11 +8,18 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from emcl.data.datasets import collate_skip
 
-__all__ = ["EpochRandomSampler", "build_loader", "set_epoch", "worker_init_fn"]
+__all__ = ["EpochKeyedSampler", "EpochRandomSampler", "build_loader", "set_epoch", "worker_init_fn"]
 
 
 def worker_init_fn(worker_id: int) -> None:
@@ -41,15 +48,41 @@ class EpochRandomSampler(RandomSampler):
         self.generator.manual_seed(self.seed + int(epoch))
 
 
+class EpochKeyedSampler(Sampler):
+    """Wraps a sampler so it yields ``(epoch, index)`` keys instead of plain indices.
+
+    Datasets that draw random numbers per sample (augmentation) seed them from the key, so what a
+    sample looks like depends only on (seed, epoch, index): not on the number of workers, on which
+    worker runs it, or on whether the run was resumed. Persistent workers never see ``set_epoch`` on
+    their copy of the dataset; the key carries the epoch to them.
+    """
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
 def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int,
                  drop_last: bool = False, distributed: bool | None = None,
-                 collate_fn: Callable | None = None) -> DataLoader:
+                 collate_fn: Callable | None = None, epoch_keys: bool = False) -> DataLoader:
     """A DataLoader with seeded order and workers.
 
     ``distributed=None`` uses a :class:`DistributedSampler` (``batch_size`` is per rank) whenever
     ``torch.distributed`` is initialised; otherwise a seeded :class:`EpochRandomSampler` when shuffling,
     else sequential order. Workers are persistent, and memory is pinned when CUDA is available. The
-    default ``collate_fn`` is :func:`~emcl.data.datasets.collate_skip`.
+    default ``collate_fn`` is :func:`~emcl.data.datasets.collate_skip`. ``epoch_keys`` wraps the sampler
+    in :class:`EpochKeyedSampler` (the dataset must accept ``(epoch, index)`` keys).
     """
     if batch_size < 1 or workers < 0:
         raise ValueError(f"batch_size must be >= 1 and workers >= 0, got {batch_size}, {workers}")
@@ -64,6 +97,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
         sampler = EpochRandomSampler(dataset, seed)
     else:
         sampler = SequentialSampler(dataset)
+    if epoch_keys:
+        sampler = EpochKeyedSampler(sampler)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -378,7 +378,12 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
 
         augment = ClipRandAugment(num_ops=4, magnitude=7)
     train_ds = TrainDataset(
-        train_split, video_source(cfg), cfg.max_words, augment=augment, skip_bad_videos=cfg.skip_bad_videos
+        train_split,
+        video_source(cfg),
+        cfg.max_words,
+        augment=augment,
+        skip_bad_videos=cfg.skip_bad_videos,
+        seed=cfg.seed,
     )
     if len(train_ds) < cfg.batch_size:
         raise SystemExit(
@@ -392,6 +397,7 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
         workers=cfg.workers,
         drop_last=True,
         collate_fn=collate_skip,
+        epoch_keys=True,  # augmentation seeded by (seed, epoch, index): identical after --resume
     )
     steps_per_epoch = len(loader)
     total_steps = cfg.epochs * steps_per_epoch
