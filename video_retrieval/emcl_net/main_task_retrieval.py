@@ -45,7 +45,7 @@ from emcl.train.config import parse_args
 from emcl.train.logs import setup_logging
 from emcl.train.optim import build_optimizer, build_scheduler, param_groups
 
-from .model import EMCLNet
+from .model import EMCLNet, emcl_scores
 
 log = logging.getLogger("emcl.retrieval")
 
@@ -304,11 +304,11 @@ def evaluate(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistInfo) ->
         keep_t = ok[caption_video]
         t, caption_video = t[keep_t], new_index[caption_video[keep_t]]
         f, m = f[keep_v], m[keep_v]
-    emcl_on = cfg.eval_block != "none"
+    emcl = model.emcl if cfg.eval_block != "none" else None
 
     def score_fn(tb, fb, mb):
         with autocast(info.device, cfg.precision):
-            return model.scores(tb, fb, mb) if emcl_on else _plain_scores(model, tb, fb, mb)
+            return emcl_scores(tb, fb, mb, emcl, model.temp)
 
     rows = score_matrix(
         score_fn,
@@ -332,12 +332,6 @@ def evaluate(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistInfo) ->
     return results
 
 
-def _plain_scores(model: EMCLNet, t, f, m):
-    from .model import emcl_scores
-
-    return emcl_scores(t, f, m, None, model.temp)
-
-
 # -------------------------------------------------------------------------------------------- training
 def unwrap(model) -> EMCLNet:
     return model.module if isinstance(model, DistributedDataParallel) else model
@@ -356,13 +350,13 @@ def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, best: d
 
 
 def config_dict(cfg: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(cfg).items()}
+    return dict(vars(cfg))
 
 
-def select_key(results: dict) -> float:
+def select_key(results: dict) -> tuple[float, float, float]:
     """Model selection on text-to-video R@1, then R@5 and R@10 as tie-breakers."""
     r = results["t2v"]
-    return r["R1"] * 1e6 + r["R5"] * 1e3 + r["R10"]
+    return r["R1"], r["R5"], r["R10"]
 
 
 def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Path) -> dict[str, Any]:
