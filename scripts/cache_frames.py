@@ -4,6 +4,8 @@
     python scripts/cache_frames.py --video_path DIR --out FILE.h5 --max_frames 12 --framerate 1 \\
         [--size 224] [--ids LIST] [--windows W.json] [--workers W] [--backend pyav|opencv] \\
         [--skip_bad_videos] [--compression none|lzf|gzip]
+    # or every video of a dataset's splits, with the time windows its loader asks for (DiDeMo: 0-31 s):
+    python scripts/cache_frames.py --datatype didemo --anno_path ANNO --video_path DIR --out FILE.h5 ...
 
 Resumable and crash-safe: the store is built in FILE.h5.partial, each video marked complete only after its
 data is flushed; rerunning skips finished ids (also to extend a finished FILE.h5 with new ids) and the
@@ -36,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--windows", default=None,
                    help='JSON file {"video_id": [start_s, end_s], ...}: cache only that window of '
                    'those videos')
+    p.add_argument("--datatype", default=None, choices=["msrvtt", "msvd", "lsmdc", "activitynet", "didemo"],
+                   help="with --anno_path: cache the videos of every split of this dataset, with its windows")
+    p.add_argument("--anno_path", default=None, help="the dataset's annotation folder (with --datatype)")
     p.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))))
     p.add_argument("--backend", choices=BACKENDS, default="pyav")
     p.add_argument("--skip_bad_videos", action="store_true",
@@ -44,7 +49,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="HDF5 compression of frames (default none: fastest to read)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--_die_after", type=int, default=None, help=argparse.SUPPRESS)  # tests: crash on purpose
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.datatype is None) != (args.anno_path is None):
+        p.error("--datatype and --anno_path go together")
+    if args.datatype and (args.ids or args.windows):
+        p.error("--datatype/--anno_path choose the ids and windows; do not combine with --ids or --windows")
+    return args
+
+
+def dataset_ids_and_windows(datatype: str, anno_path: str) -> tuple[list[str], dict]:
+    """Every video id of the dataset's splits (in split order) and the windows its loader reads."""
+    from emcl.data.datasets import has_split, load_split
+
+    ids: list[str] = []
+    windows: dict = {}
+    for split in ("train", "val", "test"):
+        if not has_split(datatype, split, anno_path):
+            continue
+        data = load_split(datatype, anno_path, split)
+        ids.extend(data.video_ids)
+        windows.update(data.windows or {})
+    return list(dict.fromkeys(ids)), windows
 
 
 class _ConsoleHandler(logging.Handler):
@@ -67,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)
     try:
+        if args.datatype:
+            ids, windows = dataset_ids_and_windows(args.datatype, args.anno_path)
+        else:
+            ids, windows = (read_id_list(args.ids) if args.ids else None), read_windows(args.windows)
         build_cache(
             args.video_path, args.out, max_frames=args.max_frames, framerate=args.framerate, size=args.size,
-            ids=read_id_list(args.ids) if args.ids else None, windows=read_windows(args.windows),
+            ids=ids, windows=windows,
             workers=args.workers, backend=args.backend, skip_bad_videos=args.skip_bad_videos,
             compression=None if args.compression == "none" else args.compression,
             progress=not args.no_progress, _die_after=args._die_after)

@@ -267,3 +267,24 @@ def test_benchmark_script_writes_json(video_dir: Path, tmp_path: Path) -> None:
     assert data["cache_clips_per_s"] > 0 and all(v > 0 for v in data["decode_clips_per_s"].values())
     assert data["machine"]["cpu_count"] >= 1 and data["machine"]["platform"]
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temp files left
+
+
+def test_cache_a_dataset_with_its_windows(tmp_path: Path) -> None:
+    """--datatype/--anno_path cache every split's videos with the windows the loader reads (DiDeMo 0-31 s)."""
+    from emcl.data.datasets import VideoDataset, load_split
+    from emcl.data.synthetic import make_synthetic
+
+    anno = make_synthetic(tmp_path / "syn", 6, seed=5, format="didemo", split_sizes=(3, 1, 2), frames=8,
+                          fps=4, size=32)
+    out = tmp_path / "didemo.h5"
+    cf = load_script("cache_frames")
+    videos = str(tmp_path / "syn" / "videos")
+    cf.main(["--datatype", "didemo", "--anno_path", str(anno), "--video_path", videos, "--out", str(out),
+             "--workers", "0", "--no_progress", "--max_frames", "6", "--framerate", "2", "--size", "32"])
+    test = load_split("didemo", anno, "test")
+    assert test.windows and all(w == (0.0, 31.0) for w in test.windows.values())
+    cached = VideoDataset(test, VideoSource(None, frame_cache=str(out), **SETTINGS))
+    decoded = VideoDataset(test, VideoSource(str(tmp_path / "syn" / "videos"), **SETTINGS))
+    for i in range(len(test.video_ids)):
+        assert torch.equal(cached[i]["frames"], decoded[i]["frames"]) and cached[i]["valid"]
+    assert len(FrameCache(out)) == 6
