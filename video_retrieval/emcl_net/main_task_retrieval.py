@@ -215,6 +215,11 @@ def split_options(cfg: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def has_val(cfg: argparse.Namespace) -> bool:
+    """Whether the dataset, under these options, has a validation split (for model selection)."""
+    return has_split(cfg.datatype, "val", cfg.anno_path, **split_options(cfg))
+
+
 def get_split(cfg: argparse.Namespace, split: str) -> RetrievalSplit:
     return load_split(cfg.datatype, cfg.anno_path, split, **split_options(cfg))
 
@@ -433,7 +438,7 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
             # with skipped videos the ranks' batches can differ in length
             return dist.all_gather_with_grad(x, reduce_grads=not cfg.faithful, variable=cfg.skip_bad_videos)
 
-    select_split = "test" if cfg.select_on_test else ("val" if has_split(cfg.datatype, "val") else None)
+    select_split = "test" if cfg.select_on_test else ("val" if has_val(cfg) else None)
     select_data = get_split(cfg, select_split) if select_split else None
     history = best.get("history", [])
     skipped_all: set[str] = set(best.get("skipped_ids", []))
@@ -558,6 +563,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging(out, info.rank)
     dist.seed_everything(cfg.seed, info.rank)
     prepare_data(cfg, info)
+    if cfg.eval_split == "val" and not has_val(cfg):
+        raise SystemExit(f"--eval_split val: {cfg.datatype} has no validation split under these options")
     if info.is_main:
         save_yaml(config_dict(cfg), out / "config.yaml")
     log.info("device %s, %d process(es); output %s", info.device, info.world_size, out)
@@ -576,7 +583,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model.load_state_dict(best["model"])  # evaluate exactly the weights that were saved
         metrics["train"]["evaluated_checkpoint"] = "checkpoint_best.pt"
     splits = [cfg.eval_split]
-    if cfg.eval_split == "test" and has_split(cfg.datatype, "val") and not cfg.do_train and cfg.do_eval:
+    if cfg.eval_split == "test" and has_val(cfg) and not cfg.do_train and cfg.do_eval:
         splits = ["val", "test"]
     for split in splits:
         res = evaluate(model, get_split(cfg, split), cfg, info)
