@@ -288,3 +288,24 @@ def test_cache_a_dataset_with_its_windows(tmp_path: Path) -> None:
     for i in range(len(test.video_ids)):
         assert torch.equal(cached[i]["frames"], decoded[i]["frames"]) and cached[i]["valid"]
     assert len(FrameCache(out)) == 6
+
+
+def test_replaced_source_video_is_decoded_again(tmp_path: Path) -> None:
+    """A store never serves stale frames: a source file that changed (size or mtime) is re-decoded."""
+    import shutil
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    write_video(src / "a.mp4", 20)
+    write_video(src / "b.mp4", 20)
+    out = tmp_path / "c.h5"
+    assert build_cache(src, out, progress=False, **SETTINGS)["decoded"] == 2
+    assert build_cache(src, out, progress=False, **SETTINGS)["up_to_date"]
+    shutil.copyfile(src / "b.mp4", tmp_path / "b_old.mp4")
+    write_video(src / "b.mp4", 40, fps=5)  # different content under the same id
+    summary = build_cache(src, out, progress=False, **SETTINGS)
+    assert summary["decoded"] == 1 and not summary["up_to_date"]
+    fresh = read_frames(src / "b.mp4", video_id="b", **SETTINGS)
+    stale = read_frames(tmp_path / "b_old.mp4", video_id="b", **SETTINGS)
+    got = FrameCache(out).get("b")
+    assert torch.equal(got[0], fresh[0]) and not torch.equal(got[0], stale[0])

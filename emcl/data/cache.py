@@ -74,6 +74,22 @@ def _same_window(stored: Any, wanted: float | None) -> bool:
     return not math.isnan(stored) and abs(stored - float(wanted)) < 1e-6
 
 
+def source_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(size in bytes, modification time in ns) of a source video: a changed file is re-decoded."""
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _entry_current(attrs: Any, start: float | None, end: float | None, stamp: tuple[int, int] | None) -> bool:
+    """Whether a stored entry has the requested window and, when both are known, the same source file
+    (size and modification time) as now. Entries written before stamps existed match any source."""
+    if not (_same_window(attrs.get("start", np.nan), start) and _same_window(attrs.get("end", np.nan), end)):
+        return False
+    if stamp is None or "src_size" not in attrs:
+        return True
+    return (int(attrs["src_size"]), int(attrs["src_mtime_ns"])) == stamp
+
+
 def _fmt_window(start: float | None, end: float | None) -> str:
     if start is None and end is None:
         return "the whole video"
@@ -406,15 +422,18 @@ class CacheWriter:
             _fsync(self.f)
 
     # -- state
-    def done(self, windows: dict[str, tuple[float | None, float | None]] | None = None) -> set[str]:
-        """Ids stored completely (with the same window as requested in ``windows``, when given)."""
+    def done(
+        self,
+        windows: dict[str, tuple[float | None, float | None]] | None = None,
+        stamps: dict[str, tuple[int, int]] | None = None,
+    ) -> set[str]:
+        """Ids stored completely, with the window requested in ``windows`` and, when ``stamps`` gives the
+        source file's (size, mtime), from that same file (a replaced video is decoded again)."""
         out = set()
         for key, group in self.f["videos"].items():
             vid = decode_key(key)
             start, end = (windows or {}).get(vid, (None, None))
-            if _same_window(group.attrs.get("start", np.nan), start) and _same_window(
-                group.attrs.get("end", np.nan), end
-            ):
+            if _entry_current(group.attrs, start, end, (stamps or {}).get(vid)):
                 out.add(vid)
         return out
 
@@ -426,9 +445,12 @@ class CacheWriter:
         start: float | None = None,
         end: float | None = None,
         *,
+        source: tuple[int, int] | None = None,
         _complete: bool = True,
     ) -> None:
-        """Store the real frames (T, 3, size, size) of one video, then mark it complete and flush."""
+        """Store the real frames (T, 3, size, size) of one video, then mark it complete and flush.
+
+        ``source``: the (size, mtime_ns) stamp of the file decoded, so a later build can tell it changed."""
         frames = np.ascontiguousarray(frames)
         t = frames.shape[0]
         shape_ok = frames.ndim == 4 and frames.shape[1:] == (3, self.size, self.size)
@@ -452,6 +474,8 @@ class CacheWriter:
         group.attrs.update(
             {"video_id": video_id, "num_frames": t, "start": _window_attr(start), "end": _window_attr(end)}
         )
+        if source is not None:
+            group.attrs.update({"src_size": source[0], "src_mtime_ns": source[1]})
         self.f.flush()  # data and metadata reach the file before the mark
         if not _complete:  # test hook: leave the entry a crash at this point would leave
             return
@@ -678,7 +702,11 @@ def _die(
 
 
 def _finished_store_covers(
-    out: str, ids: list[str], windows: dict[str, Window], settings: dict[str, Any]
+    out: str,
+    ids: list[str],
+    windows: dict[str, Window],
+    settings: dict[str, Any],
+    stamps: dict[str, tuple[int, int]],
 ) -> dict[str, int] | None:
     """Counts of a finished store at ``out`` that already holds every id (with its requested window, or
     recorded as failed), else None. Raises ValueError when the store was built with other settings."""
@@ -691,10 +719,7 @@ def _finished_store_covers(
                 continue
             group = cache._group(vid)
             start, end = windows.get(vid, (None, None))
-            if group is None or not (
-                _same_window(group.attrs.get("start", np.nan), start)
-                and _same_window(group.attrs.get("end", np.nan), end)
-            ):
+            if group is None or not _entry_current(group.attrs, start, end, stamps.get(vid)):
                 return None
         return {"num_videos": len(cache), "num_failed": len(failed)}
     finally:
@@ -764,8 +789,9 @@ def build_cache(
         "up_to_date": False,
     }
 
+    stamps = {vid: source_stamp(path) for vid, path in paths.items()}
     if os.path.isfile(out) and not os.path.exists(out + PARTIAL_SUFFIX):
-        counts = _finished_store_covers(out, all_ids, windows, settings)
+        counts = _finished_store_covers(out, all_ids, windows, settings, stamps)
         if counts is not None:
             log.info("%s: all %d videos already cached; nothing to do", out, len(all_ids))
             return {**summary, **counts, "seconds": time.time() - started, "up_to_date": True}
@@ -776,7 +802,7 @@ def build_cache(
     decoded = 0
     writer.open()
     try:
-        done = writer.done(windows)
+        done = writer.done(windows, stamps)
         todo = [v for v in all_ids if v not in done]
         for vid in todo:
             if vid in problems:
@@ -820,7 +846,7 @@ def build_cache(
                     start, end = windows.get(vid, (None, None))
                     if _die_after is not None and decoded >= _die_after:
                         _die(writer, results, vid, frames, start, end)
-                    writer.add(vid, frames, start, end)
+                    writer.add(vid, frames, start, end, source=stamps[vid])
                     decoded += 1
                 bar.update(1)
                 bar.set_postfix(failed=len(failures), refresh=False)
