@@ -81,12 +81,15 @@ def source_stamp(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def _entry_current(attrs: Any, start: float | None, end: float | None, stamp: tuple[int, int] | None) -> bool:
-    """Whether a stored entry has the requested window and, when both are known, the same source file
-    (size and modification time) as now. Entries written before stamps existed match any source."""
+    """Whether a stored entry has the requested window and, when the source is known (``stamp``), was
+    decoded from that same file (size and modification time). An entry without a stamp cannot prove it,
+    so it counts as stale and is decoded again."""
     if not (_same_window(attrs.get("start", np.nan), start) and _same_window(attrs.get("end", np.nan), end)):
         return False
-    if stamp is None or "src_size" not in attrs:
+    if stamp is None:
         return True
+    if "src_size" not in attrs:
+        return False
     return (int(attrs["src_size"]), int(attrs["src_mtime_ns"])) == stamp
 
 
