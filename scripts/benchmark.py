@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from emcl.clip import build_clip  # noqa: E402
+from emcl.fileio import save_json  # noqa: E402
 from emcl.scoring import score_matrix  # noqa: E402
 from emcl.train.amp import autocast  # noqa: E402
-from emcl.train.checkpoint import save_json  # noqa: E402
 from emcl.train.optim import build_optimizer, param_groups  # noqa: E402
 from video_retrieval.emcl_net.model import EMCLNet, emcl_scores  # noqa: E402
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import resource
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emcl.data.cache import FrameCache
 from emcl.data.video import BACKENDS, find_videos, read_frames
+from emcl.fileio import save_json
 
 
 def _load_sibling(name: str) -> Any:
@@ -142,21 +142,6 @@ def machine_info() -> dict[str, Any]:
             "opencv": cv2.__version__, "h5py": h5py.__version__, "load_average": list(os.getloadavg())}
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--video_path", default=None, help="folder of videos (default: make synthetic ones)")
@@ -242,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "size": args.size,
         "machine": machine_info(),
     }
-    write_json_atomic(args.json, result)
+    save_json(result, args.json)
     print(f"\n{len(files)} videos, {args.workers} workers, {args.max_frames} frames at "
           f"{args.framerate:g} fps, size {args.size}")
     print(f"{'source':<28}{'clips/s':>12}{'clips/CPU-s':>14}")

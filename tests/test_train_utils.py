@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from emcl.train.checkpoint import load_checkpoint, save_json, save_torch
+from emcl.fileio import save_json, save_torch
+from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import parse_args
 from emcl.train.optim import ReferenceAdam, param_groups, warmup_cosine
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emcl.fileio import save_bytes
+
 FORMATS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo")
 GENERATOR_VERSION = 1
 MARKER_NAME = ".synthetic_complete.json"
@@ -364,17 +366,6 @@ def make_video_ids(fmt: str, n: int, rng: random.Random) -> tuple[list[str], lis
 
 
 # --- writing annotation files --------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp_", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _json_bytes(obj) -> bytes:
     return json.dumps(obj, indent=None, ensure_ascii=False).encode("utf-8")
 
@@ -423,26 +414,25 @@ def _write_annotations(fmt: str, anno: Path, ids: list[str], names: list[str],
                 first_caption.setdefault(vid, cap)
                 sen_id += 1
         data = {"info": {"contributor": "synthetic", "year": 2016}, "videos": videos, "sentences": sentences}
-        _atomic_write(anno / "MSRVTT_data.json", _json_bytes(data))
+        save_bytes(_json_bytes(data), anno / "MSRVTT_data.json")
         train_ids = [ids[i] for i in by_split["train"]]
-        _atomic_write(anno / "MSRVTT_train.9k.csv", _csv_bytes([["video_id"]] + [[v] for v in train_ids]))
+        save_bytes(_csv_bytes([["video_id"]] + [[v] for v in train_ids]), anno / "MSRVTT_train.9k.csv")
         n7 = max(1, int(round(len(train_ids) * 7 / 9)))
-        _atomic_write(anno / "MSRVTT_train.7k.csv",
-                      _csv_bytes([["video_id"]] + [[v] for v in train_ids[:n7]]))
+        save_bytes(_csv_bytes([["video_id"]] + [[v] for v in train_ids[:n7]]), anno / "MSRVTT_train.7k.csv")
         rows = [["key", "vid_key", "video_id", "sentence"]]
         for k, i in enumerate(by_split["test"]):
             num = ids[i][len("video"):]
             rows.append([f"ret{k}", f"msr{num}", ids[i], first_caption[ids[i]]])
-        _atomic_write(anno / "MSRVTT_JSFUSION_test.csv", _csv_bytes(rows))
+        save_bytes(_csv_bytes(rows), anno / "MSRVTT_JSFUSION_test.csv")
 
     elif fmt == "msvd":
         raw = {}
         for i, vid in enumerate(ids):
             n = 1 if i % 4 == 3 else captions_per_video  # some videos with exactly one caption
             raw[vid] = [cap.split() for cap in make_captions(attrs[i], rng, n)]
-        _atomic_write(anno / "raw-captions.pkl", pickle.dumps(raw, protocol=4))
+        save_bytes(pickle.dumps(raw, protocol=4), anno / "raw-captions.pkl")
         for split, fname in (("train", "train_list.txt"), ("val", "val_list.txt"), ("test", "test_list.txt")):
-            _atomic_write(anno / fname, _lines_bytes([ids[i] for i in by_split[split]]))
+            save_bytes(_lines_bytes([ids[i] for i in by_split[split]]), anno / fname)
 
     elif fmt == "lsmdc":
         files = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
@@ -456,7 +446,7 @@ def _write_annotations(fmt: str, anno: Path, ids: list[str], names: list[str],
                 if i % 3 == 2:  # unbalanced quote, as in the real files (needs QUOTE_NONE to read)
                     cap = '"' + cap
                 rows.append([vid, start, end, start, end, cap])
-            _atomic_write(anno / fname, _tsv_bytes(rows))
+            save_bytes(_tsv_bytes(rows), anno / fname)
 
     elif fmt == "activitynet":
         def block(idx: list[int]) -> dict:
@@ -471,11 +461,11 @@ def _write_annotations(fmt: str, anno: Path, ids: list[str], names: list[str],
                                "sentences": [(" " if k else "") + s for k, s in enumerate(sentences)]}
             return out
 
-        _atomic_write(anno / "train.json", _json_bytes(block(by_split["train"])))
-        _atomic_write(anno / "val_1.json", _json_bytes(block(by_split["test"])))
-        _atomic_write(anno / "val_2.json", _json_bytes(block(by_split["val"])))
-        _atomic_write(anno / "train_ids.json", _json_bytes([ids[i] for i in by_split["train"]]))
-        _atomic_write(anno / "val_ids.json", _json_bytes([ids[i] for i in by_split["test"]]))
+        save_bytes(_json_bytes(block(by_split["train"])), anno / "train.json")
+        save_bytes(_json_bytes(block(by_split["test"])), anno / "val_1.json")
+        save_bytes(_json_bytes(block(by_split["val"])), anno / "val_2.json")
+        save_bytes(_json_bytes([ids[i] for i in by_split["train"]]), anno / "train_ids.json")
+        save_bytes(_json_bytes([ids[i] for i in by_split["test"]]), anno / "val_ids.json")
 
     elif fmt == "didemo":
         exts = (".avi", ".mov", ".mp4", ".m4v", ".3gp")
@@ -493,8 +483,8 @@ def _write_annotations(fmt: str, anno: Path, ids: list[str], names: list[str],
                                     "dl_link": f"https://www.flickr.com/video_download/{ann_id}",
                                     "video": field, "times": times})
                     ann_id += 1
-            _atomic_write(anno / f"{stem}_data.json", _json_bytes(records))
-            _atomic_write(anno / f"{stem}_list.txt", _lines_bytes(listed))
+            save_bytes(_json_bytes(records), anno / f"{stem}_data.json")
+            save_bytes(_lines_bytes(listed), anno / f"{stem}_list.txt")
     else:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
@@ -572,8 +562,8 @@ def make_synthetic(out: str | os.PathLike, num_videos: int, seed: int, format: s
 
     meta = {"format": fmt, "videos": [{"video_id": v, "file": n, "split": s, **asdict(a)}
                                       for v, n, s, a in zip(ids, names, split_of, attrs)]}
-    _atomic_write(out / ATTRIBUTES_NAME, json.dumps(meta, indent=1).encode("utf-8"))
-    _atomic_write(marker, json.dumps(args).encode("utf-8"))
+    save_bytes(json.dumps(meta, indent=1).encode("utf-8"), out / ATTRIBUTES_NAME)
+    save_bytes(json.dumps(args).encode("utf-8"), marker)
     if verbose:
         print(attribute_stats(attrs, split_of))
     return anno

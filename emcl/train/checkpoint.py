@@ -1,47 +1,11 @@
-"""Atomic writes of checkpoints and result files."""
+"""Loading the checkpoints that training writes (atomically, with :func:`emcl.fileio.save_torch`)."""
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
-
-
-def _atomic_write(path: str | os.PathLike, write) -> Path:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_torch(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` atomically."""
-    return _atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
-def save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """JSON (indented, sorted keys kept in insertion order) written atomically."""
-    return _atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def save_yaml(obj: Any, path: str | os.PathLike) -> Path:
-    """YAML written atomically."""
-    return _atomic_write(path, lambda fh: fh.write(yaml.safe_dump(obj, sort_keys=False).encode()))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
