@@ -37,10 +37,11 @@ from emcl.data.datasets import (
 )
 from emcl.data.loader import build_loader, set_epoch
 from emcl.data.video import VideoSource
+from emcl.fileio import save_json, save_torch, save_yaml
 from emcl.metrics import evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
-from emcl.train.checkpoint import load_checkpoint, save_json, save_torch, save_yaml
+from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import parse_args
 from emcl.train.logs import setup_logging
 from emcl.train.optim import build_optimizer, build_scheduler, param_groups
@@ -272,14 +273,16 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
         return torch.cat(parts) if parts else torch.empty(shape, dtype=dtype, device=device)
 
     def assemble(x: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
-        x, idx = dist.gather_tensors_no_grad(x), dist.gather_tensors_no_grad(idx)
+        """Every rank's rows put back in dataset order (``idx``: the gathered dataset indices)."""
+        x = dist.gather_tensors_no_grad(x)
         out = x.new_zeros((n, *x.shape[1:]))
         out[idx] = x
         return out
 
     a, v = len(split.captions), len(split.video_ids)
-    t = assemble(cat(t_parts, (0, d), torch.float32), cat(t_idx, (0,), torch.long), a)
-    vi = cat(v_idx, (0,), torch.long)
+    ti = dist.gather_tensors_no_grad(cat(t_idx, (0,), torch.long))
+    vi = dist.gather_tensors_no_grad(cat(v_idx, (0,), torch.long))
+    t = assemble(cat(t_parts, (0, d), torch.float32), ti, a)
     f = assemble(cat(f_parts, (0, n_frames, d), torch.float32), vi, v)
     m = assemble(cat(m_parts, (0, n_frames), torch.long), vi, v)
     ok = assemble(cat(valid, (0,), torch.bool), vi, v)
