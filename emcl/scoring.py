@@ -1,7 +1,10 @@
 """Full text x video score matrices from cached features, under the three evaluation policies.
 
-``score_fn(t, f, mask)`` maps texts (..., A, D) and videos (..., B, T, D) with frame masks (..., B, T)
-to scores (..., A, B) and must broadcast over leading block dimensions (EMCL-Net's ``scores`` does).
+``score_fn(t, f, mask)`` maps texts (..., A, D) and videos (..., B, *rest) with masks (..., B, *rest')
+(or ``None``) to scores (..., A, B) and must broadcast over leading block dimensions (EMCL-Net's
+``scores`` does, with per-frame features (B, T, D); pooled video vectors are (B, D) with no mask).
+Every call runs in float32 with autocast off (SPEC §1, precision): bf16 there moves scores enough to
+swap near-tied candidates, and is no faster.
 
 - ``paper``: the reference's policy. EM runs separately on every block of ``block`` texts x ``block``
   videos (in their given order), so a score depends on which texts and videos share its block.
@@ -19,11 +22,33 @@ from typing import Literal
 import torch
 
 EvalBlock = Literal["paper", "query", "none"]
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _fp32(x: torch.Tensor | None) -> torch.Tensor | None:
+    return x.float() if x is not None and x.is_floating_point() else x
+
+
+def _call(score_fn: ScoreFn, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``score_fn`` on float32 inputs with autocast off, whatever context the caller runs in."""
+    with torch.autocast(t.device.type, enabled=False):
+        return score_fn(_fp32(t), _fp32(f), mask).float()
+
+
+def _blocks(x: torch.Tensor | None, stop: int, n: int, width: int) -> torch.Tensor | None:
+    return None if x is None else x[:stop].unflatten(0, (n, width))
+
+
+def _tail(x: torch.Tensor | None, start: int) -> torch.Tensor | None:
+    return None if x is None else x[start:][None]
+
+
+def _lead(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x[None]
 
 
 def _paper_rows(
-    score_fn: ScoreFn, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, block: int, chunk: int
+    score_fn: ScoreFn, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None, block: int, chunk: int
 ) -> torch.Tensor:
     """Scores of the texts ``t`` (a whole number of text blocks, plus one remainder) vs all videos."""
     a, v = t.shape[0], f.shape[0]
@@ -35,14 +60,14 @@ def _paper_rows(
             (
                 0,
                 f[: nv_full * block].unflatten(0, (nv_full, block)),
-                mask[: nv_full * block].unflatten(0, (nv_full, block)),
+                _blocks(mask, nv_full * block, nv_full, block),
                 nv_full,
                 block,
             )
         )
     if v % block:
         s = nv_full * block
-        video_groups.append((s, f[s:][None], mask[s:][None], 1, v - s))
+        video_groups.append((s, f[s:][None], _tail(mask, s), 1, v - s))
     na_full = a // block
     text_groups = []
     if na_full:
@@ -54,9 +79,9 @@ def _paper_rows(
         for i in range(0, nt, chunk):
             tc = tb[i : i + chunk]  # (c, bt, D)
             for v0, fb, mb, nv, bv in video_groups:
-                s = score_fn(tc[:, None], fb[None], mb[None])  # (c, nv, bt, bv)
+                s = _call(score_fn, tc[:, None], fb[None], _lead(mb))  # (c, nv, bt, bv)
                 rows = slice(t0 + i * bt, t0 + (i + tc.shape[0]) * bt)
-                out[rows, v0 : v0 + nv * bv] = s.float().permute(0, 2, 1, 3).reshape(-1, nv * bv)
+                out[rows, v0 : v0 + nv * bv] = s.permute(0, 2, 1, 3).reshape(-1, nv * bv)
     return out
 
 
@@ -64,7 +89,7 @@ def score_matrix(
     score_fn: ScoreFn,
     t: torch.Tensor,
     f: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     mode: EvalBlock = "query",
     block: int = 32,
     chunk: int | None = None,
@@ -92,5 +117,5 @@ def score_matrix(
     for i in range(0, t.shape[0], chunk):
         tc = t[i : i + chunk]
         # each query is its own block: (c, 1, D) against all videos (1, V, T, D)
-        rows.append(score_fn(tc[:, None], f[None], mask[None])[:, 0].float())
+        rows.append(_call(score_fn, tc[:, None], f[None], _lead(mask))[:, 0])
     return torch.cat(rows) if rows else t.new_empty(0, f.shape[0], dtype=torch.float32)

@@ -314,9 +314,8 @@ def evaluate(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistInfo) ->
         f, m = f[keep_v], m[keep_v]
     emcl = model.emcl if cfg.eval_block != "none" else None
 
-    def score_fn(tb, fb, mb):
-        with autocast(info.device, cfg.precision):
-            return emcl_scores(tb, fb, mb, emcl, model.temp)
+    def score_fn(tb, fb, mb):  # float32, autocast off (emcl_scores and score_matrix see to it)
+        return emcl_scores(tb, fb, mb, emcl, model.temp)
 
     rows = score_matrix(
         score_fn,

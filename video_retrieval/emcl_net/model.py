@@ -107,18 +107,27 @@ def emcl_scores(
 
     With ``update`` (training), the layer's forward runs and updates ``mu``; otherwise the blocks go
     through the batched EM without touching the state, so any number of blocks run in one call.
+    Everything here (pooling, EM, residual, normalisation, cosine) runs in float32 with autocast off,
+    in training and evaluation alike (SPEC §1, precision); gradients flow back to bf16 encoders as usual.
     """
+    with torch.autocast(t.device.type, enabled=False):
+        return _emcl_scores_fp32(t.float(), f.float(), mask, emcl, temp, update)
+
+
+def _emcl_scores_fp32(
+    t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, emcl: EMCL | None, temp: float, update: bool
+) -> torch.Tensor:
     a, b, d = t.shape[-2], f.shape[-3], t.shape[-1]
     v = pair_video_vectors(t, f, mask, temp)  # (..., A, B, D)
     lead = v.shape[:-3]
-    x = torch.cat([v.reshape(*lead, a * b, d), t.to(v.dtype).expand(*lead, a, d)], dim=-2)
+    x = torch.cat([v.reshape(*lead, a * b, d), t.expand(*lead, a, d)], dim=-2)
     if emcl is not None:
         if update:
             x = emcl(x)
         else:
             r, _ = em_reconstruct(x, emcl.mu, emcl.stage_num, emcl.lamd, emcl.lamd_mode)
-            x = x + (emcl.beta * r).to(x.dtype)
-    x = F.normalize(x.float(), dim=-1)
+            x = x + emcl.beta * r
+    x = F.normalize(x, dim=-1)
     yv = x[..., : a * b, :].reshape(*lead, a, b, d)
     yt = x[..., a * b :, :]
     return torch.einsum("...ad,...abd->...ab", yt, yv)
