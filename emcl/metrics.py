@@ -21,6 +21,8 @@ metric values are moved to the host.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,8 @@ __all__ = [
     "dsl_v2t",
     "evaluate_similarity",
     "format_table",
+    "qa_accuracy",
+    "format_qa_table",
 ]
 
 RANK_KEYS = ("R1", "R5", "R10", "R50", "MdR", "MnR")
@@ -283,4 +287,75 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
             val = row.get(k)
             cells.append(f"{'-':>8}" if val is None else f"{float(val):>8.1f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
+    return "\n".join(lines)
+
+
+# --- question answering (SPEC §5) ---------------------------------------------------------------
+QA_TYPE_ORDER = ("what", "who", "how", "when", "where")
+
+
+def _percent(num: int, den: int) -> float | None:
+    return 100.0 * num / den if den else None
+
+
+def qa_accuracy(
+    predictions: Sequence[int] | Tensor,
+    answers: Sequence[str],
+    answer_types: Sequence[str],
+    ans2label: Mapping[str, int],
+) -> dict:
+    """Accuracy of predicted answer ids, overall and per answer type, in percent.
+
+    A question whose ground-truth answer is not in ``ans2label`` (out of vocabulary, OOV) can never be
+    answered by a classifier over the vocabulary: the headline ``accuracy`` counts it as wrong (over all
+    questions); ``accuracy_filtered`` drops it, as the reference's test loader does, and ``oov_count`` says
+    how many were dropped. A split (or type) with no in-vocabulary question has ``accuracy_filtered``
+    None. Types are listed in MSRVTT-QA's order (what, who, how, when, where), then any others sorted.
+    """
+    preds = predictions.tolist() if isinstance(predictions, Tensor) else list(predictions)
+    if not len(preds) == len(answers) == len(answer_types):
+        raise ValueError(
+            f"qa_accuracy: {len(preds)} predictions, {len(answers)} answers and {len(answer_types)} types"
+        )
+    if not preds:
+        raise ValueError("qa_accuracy: no questions")
+    stats: dict[str, list[int]] = {}  # type -> [questions, oov, correct]
+    for pred, answer, atype in zip(preds, answers, answer_types):
+        s = stats.setdefault(atype, [0, 0, 0])
+        s[0] += 1
+        label = ans2label.get(answer)
+        if label is None:
+            s[1] += 1
+        elif int(pred) == label:
+            s[2] += 1
+
+    def row(n: int, oov: int, correct: int) -> dict:
+        return {
+            "accuracy": _percent(correct, n),
+            "accuracy_filtered": _percent(correct, n - oov),
+            "num_questions": n,
+            "oov_count": oov,
+            "correct": correct,
+        }
+
+    order = [t for t in QA_TYPE_ORDER if t in stats] + sorted(t for t in stats if t not in QA_TYPE_ORDER)
+    total = [sum(s[i] for s in stats.values()) for i in range(3)]
+    return {**row(*total), "per_type": {t: row(*stats[t]) for t in order}}
+
+
+def format_qa_table(results: dict) -> str:
+    """Fixed-width table of :func:`qa_accuracy` results: one line per answer type, then ``all``."""
+
+    def cell(x: float | None) -> str:
+        return f"{'-':>10}" if x is None else f"{x:>10.2f}"
+
+    lines = [f"{'type':<8}{'questions':>10}{'oov':>8}{'accuracy':>10}{'filtered':>10}"]
+    lines.append("-" * len(lines[0]))
+    rows = list(results.get("per_type", {}).items()) + [("all", results)]
+    for name, r in rows:
+        lines.append(
+            f"{name:<8}{r['num_questions']:>10}{r['oov_count']:>8}"
+            + cell(r["accuracy"])
+            + cell(r["accuracy_filtered"])
+        )
     return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""Annotation parsing for the five retrieval datasets, from their real file layouts (SPEC §3).
+"""Annotation parsing for the five retrieval datasets (SPEC §3) and MSRVTT-QA (SPEC §5), from their real
+file layouts.
 
-Each parser returns a :class:`RetrievalSplit`: the split's video ids, its captions, and for every
-caption the index of its video. Bad input raises ``FileNotFoundError`` / ``ValueError`` naming the
-file, the record and what is wrong; nothing is skipped silently.
+Each retrieval parser returns a :class:`RetrievalSplit`: the split's video ids, its captions, and for every
+caption the index of its video; the QA parser returns a :class:`QASplit` of :class:`QARecord`. Bad input
+raises ``FileNotFoundError`` / ``ValueError`` naming the file, the record and what is wrong; nothing is
+skipped silently.
 """
 
 from __future__ import annotations
@@ -372,3 +374,104 @@ def load_split(datatype: str, anno_path: str | os.PathLike, split: str, **option
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return _PARSERS[datatype](str(anno_path), split, **options)
+
+
+# --- MSRVTT-QA (SPEC §5) -------------------------------------------------------------------------
+QA_FILES = {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}
+QA_VOCAB_FILE = "train_ans2label.json"
+
+
+@dataclass(frozen=True)
+class QARecord:
+    """One question of a QA split: the video it asks about, the question, the answer and its type."""
+
+    video_id: str
+    question: str
+    answer: str
+    answer_type: str
+    line: int  # 1-based line in the jsonl file, for messages
+
+
+@dataclass
+class QASplit:
+    """One split of an MSRVTT-QA-layout dataset: its records in file order and the file they came from.
+
+    ``datatype`` and ``windows`` (none: whole clips) let the retrieval video datasets read its videos.
+    """
+
+    split: str
+    records: list[QARecord]
+    file: str
+    datatype: str = "msrvtt_qa"
+    windows: dict[str, tuple[float, float]] | None = None
+    video_ids: list[str] = field(init=False, repr=False)  # distinct, in order of first appearance
+    record_video: list[int] = field(init=False, repr=False)  # index into video_ids of each record
+
+    def __post_init__(self) -> None:
+        index: dict[str, int] = {}
+        self.record_video = [index.setdefault(r.video_id, len(index)) for r in self.records]
+        self.video_ids = list(index)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _qa_field(obj: dict, key: str, path: Path, lineno: int, required: bool = True) -> str | None:
+    if key not in obj:
+        if not required:
+            return None
+        raise ValueError(f"{path}: line {lineno}: record lacks '{key}' (need answer, question, video_id)")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: line {lineno}: '{key}' is {type(value).__name__}, not text: {value!r}")
+    value = " ".join(value.split())
+    if not value:
+        raise ValueError(f"{path}: line {lineno}: '{key}' is empty")
+    return value
+
+
+def load_qa_split(anno_path: str | os.PathLike, split: str) -> QASplit:
+    """Read ``{anno_path}/{split}.jsonl`` (one JSON object per line: answer, question, video_id,
+    answer_type). Blank lines are ignored; a line that is not such an object raises ``ValueError``
+    naming the file and the line. A record without ``answer_type`` gets ``"unknown"``."""
+    if split not in QA_FILES:
+        raise ValueError(f"unknown split {split!r}; expected one of {tuple(QA_FILES)}")
+    path = _need(anno_path, QA_FILES[split], "msrvtt_qa", split)
+    records: list[QARecord] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno}: not valid JSON ({e.msg}): "
+                                 f"{line.strip()[:80]!r}") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            vid = _qa_field(obj, "video_id", path, lineno)
+            question = _qa_field(obj, "question", path, lineno)
+            answer = _qa_field(obj, "answer", path, lineno)
+            atype = _qa_field(obj, "answer_type", path, lineno, required=False) or "unknown"
+            records.append(QARecord(vid, question, answer, atype, lineno))
+    if not records:
+        raise ValueError(f"{path}: no records (the {split} split is empty)")
+    return QASplit(split, records, str(path))
+
+
+def load_ans2label(anno_path: str | os.PathLike) -> dict[str, int]:
+    """The answer vocabulary ``{answer: id}`` of ``{anno_path}/train_ans2label.json``; ids must be
+    exactly 0..n-1 (checked, the error names the file and the offending entry)."""
+    path = _need(anno_path, QA_VOCAB_FILE, "msrvtt_qa", "vocabulary")
+    data = _read_json(path)
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a non-empty JSON object {{answer: id}}")
+    seen: dict[int, str] = {}
+    for answer, idx in data.items():
+        if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(data):
+            raise ValueError(f"{path}: answer {answer!r} has id {idx!r}, not an integer in "
+                             f"0..{len(data) - 1}")
+        if idx in seen:
+            raise ValueError(f"{path}: answers {seen[idx]!r} and {answer!r} share id {idx}")
+        seen[idx] = answer
+    return dict(data)

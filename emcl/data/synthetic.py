@@ -6,10 +6,17 @@ the background), with several paraphrases per clip, so that a tiny model trained
 32-64 px can learn retrieval. The annotations are written exactly as the real MSR-VTT, MSVD, LSMDC,
 ActivityNet Captions and DiDeMo files are laid out (SPEC §3), so the same loaders read both.
 
+Format ``msrvtt_qa`` writes video question answering data in MSRVTT-QA's layout (SPEC §5): ``train.jsonl``,
+``val.jsonl``, ``test.jsonl`` (one ``{"answer", "question", "video_id", "answer_type"}`` object per line)
+and ``train_ans2label.json``. Every clip gets one question about each of its colour and background
+(``what``), shape (``what``), motion (``where``) and count (``how``). Some answers are paraphrases
+("ball", "violet") drawn rarely; the vocabulary keeps the most frequent training answers, as the real one
+keeps the 1,500 most frequent, so those paraphrases are out of vocabulary.
+
 Command line::
 
-    python -m emcl.data.synthetic --out DIR --num_videos N --seed S [--format msvd] \
-        [--split-sizes TRAIN,VAL,TEST] [--frames F --fps R --size S]
+    python -m emcl.data.synthetic --out DIR --num_videos N --seed S [--format msvd|msrvtt_qa|...] \
+        [--split-sizes TRAIN,VAL,TEST] [--frames F --fps R --size S] [--vocab-size V]
 
 The same seed gives byte-identical annotation files (and identical videos with the same PyAV build).
 A completion marker with the arguments lets :func:`make_synthetic` skip work already done.
@@ -36,6 +43,8 @@ import numpy as np
 from emcl.fileio import save_bytes
 
 FORMATS = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo")
+QA_FORMATS = ("msrvtt_qa",)
+ALL_FORMATS = FORMATS + QA_FORMATS
 GENERATOR_VERSION = 1
 MARKER_NAME = ".synthetic_complete.json"
 ATTRIBUTES_NAME = "synthetic_attributes.json"
@@ -333,7 +342,7 @@ def make_video_ids(fmt: str, n: int, rng: random.Random) -> tuple[list[str], lis
     t = 30.0
     for i in range(n):
         while True:
-            if fmt == "msrvtt":
+            if fmt in ("msrvtt", "msrvtt_qa"):
                 vid, name = f"video{i}", f"video{i}.mp4"
             elif fmt == "msvd":
                 start = rng.randint(0, 300)
@@ -356,7 +365,7 @@ def make_video_ids(fmt: str, n: int, rng: random.Random) -> tuple[list[str], lis
                        f"_{rng.randint(10**9, 10**10 - 1)}_{rng.getrandbits(40):010x}")
                 name = vid + ".mp4"
             else:
-                raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+                raise ValueError(f"unknown format {fmt!r}; expected one of {ALL_FORMATS}")
             if vid not in seen:
                 break
         seen.add(vid)
@@ -489,6 +498,80 @@ def _write_annotations(fmt: str, anno: Path, ids: list[str], names: list[str],
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
 
 
+# --- question answering (MSRVTT-QA layout) -------------------------------------------------------
+QA_COUNT_ANSWERS = {1: "one", 2: "two", 3: "three"}
+QA_MOTION_ANSWERS = {"left": "left", "right": "right", "up": "up", "down": "down", "still": "nowhere"}
+# rare paraphrased answers (single words, as MSRVTT-QA's answers): these end up out of vocabulary
+QA_ANSWER_PARAPHRASES = {"purple": ["violet"], "cyan": ["turquoise"], "square": ["box", "block"],
+                         "circle": ["ball", "disc"]}
+QA_PARAPHRASE_PROB = 0.2
+
+
+def _qa_nouns(attrs: ClipAttributes, rng: random.Random) -> tuple[str, str, str]:
+    sg, pl = rng.choice([w for w in SHAPE_WORDS[attrs.shape] if " " not in w[0]] or SHAPE_WORDS[attrs.shape])
+    return (sg, "is", "does") if attrs.count == 1 else (pl, "are", "do")
+
+
+def _qa_answer(canonical: str, rng: random.Random) -> str:
+    alternatives = QA_ANSWER_PARAPHRASES.get(canonical)
+    if alternatives and rng.random() < QA_PARAPHRASE_PROB:
+        return rng.choice(alternatives)
+    return canonical
+
+
+def make_questions(attrs: ClipAttributes, rng: random.Random) -> list[dict[str, str]]:
+    """One question each about colour, shape, motion, count and background, in random order.
+
+    Returns ``{"answer", "question", "answer_type"}`` dicts; questions never contain their answer.
+    """
+    noun, be, do = _qa_nouns(attrs, rng)
+    color = rng.choice(COLOR_WORDS[attrs.color])
+    plural = SHAPE_WORDS[attrs.shape][0][1]
+    out = [
+        {"answer": _qa_answer(attrs.color, rng), "answer_type": "what",
+         "question": rng.choice([f"what color {be} the {noun}?", f"what is the color of the {noun}?"])},
+        {"answer": _qa_answer(attrs.shape, rng), "answer_type": "what",
+         "question": rng.choice([f"what shape {be} the {color} object{'s' if be == 'are' else ''}?",
+                                 f"what {be} the {color} thing{'s' if be == 'are' else ''}?"])},
+        {"answer": QA_MOTION_ANSWERS[attrs.motion], "answer_type": "where",
+         "question": rng.choice([f"where {do} the {color} {noun} move?", f"where {be} the {noun} going?"])},
+        {"answer": QA_COUNT_ANSWERS[attrs.count], "answer_type": "how",
+         "question": rng.choice([f"how many {color} {plural} are there?", f"how many {plural} are shown?"])},
+        {"answer": attrs.background, "answer_type": "what",
+         "question": rng.choice(["what color is the background?", f"what is behind the {noun}?"])},
+    ]
+    rng.shuffle(out)
+    return out
+
+
+def _qa_line(vid: str, q: dict[str, str]) -> str:
+    # the key order and separators of the real files
+    return json.dumps({"answer": q["answer"], "question": q["question"], "video_id": vid,
+                       "answer_type": q["answer_type"]}, ensure_ascii=False)
+
+
+def _write_qa_annotations(anno: Path, ids: list[str], attrs: list[ClipAttributes], split_of: list[str],
+                          rng: random.Random, vocab_size: int | None) -> None:
+    """train/val/test.jsonl and train_ans2label.json: the ``vocab_size`` most frequent training answers
+    (default: as many as there are canonical answers), ids in alphabetical order as the real file."""
+    lines: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    train_answers: Counter = Counter()
+    for vid, a, split in zip(ids, attrs, split_of):
+        for q in make_questions(a, rng):
+            lines[split].append(_qa_line(vid, q))
+            if split == "train":
+                train_answers[q["answer"]] += 1
+    for split, rows in lines.items():
+        save_bytes(_lines_bytes(rows), anno / f"{split}.jsonl")
+    if vocab_size is None:
+        vocab_size = len(COLORS) + len(SHAPES) + len(QA_MOTION_ANSWERS) + len(QA_COUNT_ANSWERS)
+        vocab_size += len(BACKGROUNDS)
+    ranked = sorted(train_answers.items(), key=lambda kv: (-kv[1], kv[0]))[:vocab_size]
+    vocab = sorted(answer for answer, _ in ranked)
+    body = ",\n".join(f"{json.dumps(a, ensure_ascii=False)}: {i}" for i, a in enumerate(vocab))
+    save_bytes(("{\n" + body + "\n}").encode("utf-8"), anno / "train_ans2label.json")
+
+
 def attribute_stats(attrs: Sequence[ClipAttributes], split_of: Sequence[str]) -> str:
     """Human-readable per-attribute counts per split, distinct combinations and test duplicates."""
     lines = []
@@ -508,16 +591,20 @@ def attribute_stats(attrs: Sequence[ClipAttributes], split_of: Sequence[str]) ->
 
 def make_synthetic(out: str | os.PathLike, num_videos: int, seed: int, format: str = "msvd",
                    split_sizes: Sequence[int] | None = None, frames: int = 16, fps: int = 4,
-                   size: int = 64, captions_per_video: int = 5, verbose: bool = False) -> Path:
+                   size: int = 64, captions_per_video: int = 5, verbose: bool = False,
+                   vocab_size: int | None = None) -> Path:
     """Write a synthetic dataset in ``format``'s real layout and return the annotation folder.
 
     Videos go to ``out/videos`` and annotation files to ``out/annotations``; per-video attributes to
     ``out/synthetic_attributes.json``. If ``out`` already holds a completed set made with the same
-    arguments, nothing is regenerated.
+    arguments, nothing is regenerated. ``vocab_size`` (``msrvtt_qa`` only): answers kept in
+    ``train_ans2label.json`` (default: the number of canonical answers).
     """
     fmt = format
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if fmt not in ALL_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {ALL_FORMATS}")
+    if vocab_size is not None and (fmt not in QA_FORMATS or vocab_size < 1):
+        raise ValueError(f"vocab_size={vocab_size} needs a QA format {QA_FORMATS} and a value >= 1")
     if num_videos < 1 or frames < 2 or fps < 1 or size < 16 or captions_per_video < 1:
         raise ValueError(f"invalid sizes: num_videos={num_videos} frames={frames} fps={fps} size={size} "
                          f"captions_per_video={captions_per_video} (need >=1, >=2, >=1, >=16, >=1)")
@@ -531,6 +618,8 @@ def make_synthetic(out: str | os.PathLike, num_videos: int, seed: int, format: s
     args = {"version": GENERATOR_VERSION, "format": fmt, "num_videos": num_videos, "seed": seed,
             "split_sizes": list(sizes), "frames": frames, "fps": fps, "size": size,
             "captions_per_video": captions_per_video}
+    if fmt in QA_FORMATS:  # only QA sets carry the key: markers of existing sets stay valid
+        args["vocab_size"] = vocab_size
     if marker.exists():
         try:
             done = json.loads(marker.read_text())
@@ -553,7 +642,10 @@ def make_synthetic(out: str | os.PathLike, num_videos: int, seed: int, format: s
     ids, names = make_video_ids(fmt, num_videos, rng)
     attrs = [sample_attributes(rng) for _ in range(num_videos)]
     split_of = ["train"] * sizes[0] + ["val"] * sizes[1] + ["test"] * sizes[2]
-    _write_annotations(fmt, anno, ids, names, attrs, split_of, rng, captions_per_video, frames / fps)
+    if fmt in QA_FORMATS:
+        _write_qa_annotations(anno, ids, attrs, split_of, rng, vocab_size)
+    else:
+        _write_annotations(fmt, anno, ids, names, attrs, split_of, rng, captions_per_video, frames / fps)
 
     codec = _pick_codec()
     for i, name in enumerate(names):
@@ -589,13 +681,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output folder (videos/ and annotations/ inside)")
     p.add_argument("--num_videos", "--num-videos", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", choices=FORMATS, default="msvd")
+    p.add_argument("--format", choices=ALL_FORMATS, default="msvd")
     p.add_argument("--split-sizes", "--split_sizes", default=None,
                    help="TRAIN,VAL,TEST video counts (default 70/10/20%%)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--fps", type=int, default=4)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--captions-per-video", "--captions_per_video", type=int, default=5)
+    p.add_argument("--vocab-size", "--vocab_size", type=int, default=None,
+                   help="msrvtt_qa: answers kept in train_ans2label.json (default: the canonical ones)")
     a = p.parse_args(argv)
     sizes = None
     if a.split_sizes:
@@ -604,7 +698,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError:
             p.error(f"--split-sizes must be three integers TRAIN,VAL,TEST, got {a.split_sizes!r}")
     anno = make_synthetic(a.out, a.num_videos, a.seed, format=a.format, split_sizes=sizes, frames=a.frames,
-                          fps=a.fps, size=a.size, captions_per_video=a.captions_per_video, verbose=True)
+                          fps=a.fps, size=a.size, captions_per_video=a.captions_per_video, verbose=True,
+                          vocab_size=a.vocab_size)
     print(f"annotations: {anno}\nvideos: {Path(a.out) / 'videos'}")
 
 

@@ -3,7 +3,6 @@ weighting, the EM subspace layer on [pair video vectors; text vectors], cosine s
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from typing import Literal
@@ -15,56 +14,11 @@ from torch import nn
 from emcl.clip import CLIPBackbone, normalize_frames
 from emcl.em import EMCL, em_reconstruct
 from emcl.loss import symmetric_ce
+from emcl.temporal import FrameTransformer
 
 log = logging.getLogger(__name__)
 
 AggModule = Literal["seqTransf", "seqLSTM", "None"]
-
-
-class FrameTransformer(nn.Module):
-    """``seqTransf``: learned frame positions, CLIP-text-shaped blocks, key-padding mask, residual add."""
-
-    def __init__(self, clip: CLIPBackbone, layers: int = 4, init_from_text: bool = True) -> None:
-        super().__init__()
-        width, ctx = clip.embed_dim, clip.context_length
-        text_blocks = clip.text_blocks
-        self.position = nn.Embedding(ctx, width)
-        nn.init.normal_(self.position.weight, std=0.02)
-        self.heads = clip.text_heads if clip.text_width == width else max(1, width // 64)
-        shape_matches = clip.text_width == width and len(text_blocks) >= layers
-        if init_from_text and shape_matches:
-            # the initialisation trick: frame positions <- text positions, blocks <- text blocks 0..layers-1
-            with torch.no_grad():
-                self.position.weight.copy_(clip.text_positional_embedding[:ctx])
-            self.blocks = nn.ModuleList(copy.deepcopy(text_blocks[i]) for i in range(layers))
-        else:
-            if init_from_text:
-                log.warning(
-                    "seqTransf: CLIP text tower (width %d, %d blocks) cannot seed %d blocks of width %d; "
-                    "using random initialisation",
-                    clip.text_width,
-                    len(text_blocks),
-                    layers,
-                    width,
-                )
-            from open_clip.transformer import ResidualAttentionBlock
-
-            self.blocks = nn.ModuleList(ResidualAttentionBlock(width, self.heads) for _ in range(layers))
-        self.batch_first = getattr(self.blocks[0].attn, "batch_first", True)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        h = x + self.position.weight[:t].to(x.dtype)
-        # additive key-padding mask (B*heads, T, T); -1e6 as the reference, safe in bf16 and fp32
-        pad = (1.0 - mask.to(torch.float32))[:, None, None, :] * -1e6
-        attn_mask = pad.expand(b, self.heads, t, t).reshape(b * self.heads, t, t)
-        if not self.batch_first:
-            h = h.transpose(0, 1)
-        for block in self.blocks:
-            h = block(h, attn_mask=attn_mask)
-        if not self.batch_first:
-            h = h.transpose(0, 1)
-        return h + x
 
 
 class FrameLSTM(nn.Module):
