@@ -264,7 +264,7 @@ def test_result_files_constant_covers_what_a_run_writes():
 
 
 def test_lock_second_process_fails_fast(tmp_path):
-    script = "from emcl.train.guards import RunLock; RunLock(%r).acquire()" % str(tmp_path)
+    script = f"from emcl.train.guards import RunLock; RunLock({str(tmp_path)!r}).acquire()"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     with RunLock(tmp_path):
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
@@ -278,5 +278,6 @@ def test_unwritable_folder_message_without_chmod(tmp_path, monkeypatch):
         raise PermissionError(30, "Read-only file system")
 
     monkeypatch.setattr(guards.tempfile, "mkstemp", refuse)
-    with pytest.raises(UserError, match=f"output folder {tmp_path} is not writable \\(Read-only file system\\)"):
+    msg = f"output folder {tmp_path} is not writable \\(Read-only file system\\)"
+    with pytest.raises(UserError, match=msg):
         check_output_dir(tmp_path, resume=False, overwrite=False)
