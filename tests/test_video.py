@@ -304,6 +304,32 @@ def test_zero_fps_falls_back_to_frames_over_duration(vids: dict[str, Path],
     assert info.value.video_id == "nofps" and str(vids["mp4"]) in str(info.value)
 
 
+def test_pyav_19_open_without_metadata_errors(vids: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyAV >= 19 (Python >= 3.12) has no ``metadata_errors`` in ``av.open``: decoding must still work."""
+    real_open = av.open
+    calls = []
+
+    def av19_open(file, mode=None, **kwargs):
+        if "metadata_errors" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        calls.append(kwargs)
+        return real_open(file, mode, **kwargs) if mode else real_open(file, **kwargs)
+
+    monkeypatch.setattr(av, "open", av19_open)
+    frames, mask = read_frames(vids["mp4"], framerate=2, max_frames=12, size=32)
+    assert frame_indices(frames, mask) == [0, 5, 10, 15, 20, 25, 30]
+    frames, mask = read_frames(vids["gop5"], framerate=10, max_frames=3, size=32, start=2.0, end=4.0)
+    assert frame_indices(frames, mask) == [20, 30, 40]  # with a seek
+    assert calls  # the emulated PyAV 19 really opened the files
+
+    def broken_open(file, mode=None, **kwargs):  # a TypeError about something else is not swallowed
+        raise TypeError("expected str, bytes or os.PathLike object")
+
+    monkeypatch.setattr(av, "open", broken_open)
+    with pytest.raises(TypeError, match="PathLike"):
+        read_frames(vids["mp4"], framerate=2, max_frames=12, size=32)
+
+
 # -------------------------------------------------------------------------------------- VideoSource
 
 
@@ -378,6 +404,27 @@ def test_clip_rand_augment_matches_torchvision_without_noise() -> None:
         b = ref(clip)
         # same ops and magnitudes: equal up to float rounding of a few pixels (a different op: tens)
         assert (a.float() - b.float()).abs().mean() < 0.1
+
+
+def test_clip_rand_augment_passes_interpolation_enum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision 0.26 rejects ``interpolation="bilinear"`` (a string) with a ValueError."""
+
+    class StrictRandAugment(v2.RandAugment):  # torchvision 0.26's behaviour
+        def __init__(self, *args, interpolation=T.InterpolationMode.NEAREST, **kwargs):
+            if not isinstance(interpolation, T.InterpolationMode):
+                raise ValueError(f"interpolation must be an InterpolationMode, got {interpolation!r}")
+            super().__init__(*args, interpolation=interpolation, **kwargs)
+
+    monkeypatch.setattr(v2, "RandAugment", StrictRandAugment)
+    gen = torch.Generator().manual_seed(0)
+    clip = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8, generator=gen)
+    for kwargs in ({}, {"interpolation": "bilinear"}, {"interpolation": T.InterpolationMode.NEAREST}):
+        aug = ClipRandAugment(**kwargs)
+        assert isinstance(aug._op.interpolation, T.InterpolationMode)
+        assert aug(clip).shape == clip.shape
+    assert ClipRandAugment()._op.interpolation == T.InterpolationMode.BILINEAR
+    with pytest.raises(ValueError, match="interpolation"):
+        ClipRandAugment(interpolation="bilinearr")
 
 
 # --------------------------------------------------------------------------------- compress_videos

@@ -234,7 +234,7 @@ class _PyAVReader(_Reader):
     def _open(self) -> Any:
         av = self._av
         try:
-            container = av.open(self.path, metadata_errors="ignore")
+            container = _av_open(av, self.path)
         except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
             raise self.error(f"unreadable or corrupt file ({type(e).__name__}: {e})") from None
         if not container.streams.video:
@@ -291,6 +291,23 @@ class _PyAVReader(_Reader):
                 return
             log.debug("%s: seek to frame %d unusable, decoding from the start", self.path, first)
             seek = False
+
+
+def _av_open(av: Any, path: str) -> Any:
+    """``av.open(path)`` for reading, tolerant of undecodable metadata on every PyAV version.
+
+    PyAV <= 18 decodes container metadata strictly unless ``metadata_errors="ignore"`` is passed (a file
+    with a Latin-1 title would otherwise be unreadable); PyAV >= 19 (the version Python >= 3.12 gets)
+    removed that argument and raises ``TypeError`` for it. Try the argument first and open without it
+    when this PyAV does not know it; a metadata ``UnicodeDecodeError`` there is reported as an unreadable
+    file by the caller.
+    """
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except TypeError as e:
+        if "metadata_errors" not in str(e):
+            raise
+    return av.open(path)
 
 
 def _pyav_getter(frame: Any) -> FrameGetter:
