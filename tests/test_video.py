@@ -84,6 +84,38 @@ def test_sample_indices_window() -> None:
     assert sample_indices(64, 10, 10, 3, start=1.0, end=5.0).tolist() == [10, 30, 50]
 
 
+def test_sample_indices_floor_rounding_is_the_references() -> None:
+    # 7 positions 0,5,..,30, 6 kept: linspace(0, 6, 6) = 0, 1.2, 2.4, 3.6, 4.8, 6
+    assert sample_indices(32, 10, 2, 6).tolist() == [0, 5, 10, 20, 25, 30]  # round (default)
+    assert sample_indices(32, 10, 2, 6, rounding="floor").tolist() == [0, 5, 10, 15, 20, 30]
+    for n, m in [(20, 12), (95, 12), (301, 64), (13, 12), (1000, 7)]:
+        # the reference: np.linspace(0, n - 1, num=m, dtype=int)
+        want = np.linspace(0, n - 1, num=m, dtype=int).tolist()
+        assert sample_indices(n, 1, 1, m, rounding="floor").tolist() == want
+        assert sample_indices(n, 1, 1, m).tolist() == np.round(np.linspace(0, n - 1, m)).astype(int).tolist()
+    assert sample_indices(20, 1, 1, 12, rounding="floor").tolist() != sample_indices(20, 1, 1, 12).tolist()
+    assert sample_indices(5, 1, 1, 12, rounding="floor").tolist() == [0, 1, 2, 3, 4]  # fewer: all
+    with pytest.raises(ValueError, match="rounding"):
+        sample_indices(20, 1, 1, 12, rounding="ceil")
+
+
+def test_read_frames_and_video_source_floor_rounding(vids: dict[str, Path]) -> None:
+    kw = {"framerate": 2, "max_frames": 6, "size": 32}
+    for backend in BACKENDS:
+        frames, mask = read_frames(vids["mp4"], backend=backend, index_rounding="floor", **kw)
+        assert frame_indices(frames, mask) == [0, 5, 10, 15, 20, 30], backend
+    src = VideoSource(str(vids["mp4"].parent), index_rounding="floor", **kw)
+    assert frame_indices(*src.load("idx32")) == [0, 5, 10, 15, 20, 30]
+    assert "floor" in repr(src) and pickle.loads(pickle.dumps(src)).index_rounding == "floor"
+    default = VideoSource(str(vids["mp4"].parent), **kw)
+    assert default.index_rounding == "round"
+    assert frame_indices(*default.load("idx32")) == [0, 5, 10, 20, 25, 30]
+    with pytest.raises(ValueError, match="rounding"):
+        VideoSource(str(vids["mp4"].parent), index_rounding="truncate", **kw)
+    with pytest.raises(ValueError, match="rounding"):
+        read_frames(vids["mp4"], index_rounding="truncate", **kw)
+
+
 @pytest.mark.parametrize(
     "args, kwargs",
     [
