@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from emcl.train.runner import Task, run
 from torch.utils.data import Dataset, Subset
 
 from emcl import dist
@@ -38,6 +37,7 @@ from emcl.train.config import fraction, nonneg_float, positive_float, positive_i
 from emcl.train.errors import UserError, cli_main
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
+from emcl.train.runner import Task, run
 
 from .model import EMCLQA
 
@@ -271,7 +271,12 @@ def check_data(cfg: argparse.Namespace, splits: list[str]) -> None:
             oov,
             len(vocab),
         )
-        check_videos_exist(source, qa.video_ids, f"msrvtt_qa/{name}")
+        missing = check_videos_exist(
+            source, qa.video_ids, f"msrvtt_qa/{name}", allow_missing=cfg.skip_bad_videos
+        )
+        if missing:
+            log.warning("%s: %d video(s) missing, their questions are skipped in training and count as wrong "
+                        "in evaluation: %s", qa.file, len(missing), ", ".join(missing[:10]))
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -608,3 +608,33 @@ class VideoSource:
         where = f"frame_cache={self.cache.path!r}" if self.cache is not None else f"{self.video_path!r}"
         return (f"VideoSource({where}, framerate={self.framerate}, max_frames={self.max_frames}, "
                 f"size={self.size}, backend={self.backend!r}, index_rounding={self.index_rounding!r})")
+
+
+def check_videos_exist(source: VideoSource, video_ids: Iterable[str], what: str,
+                       allow_missing: bool = False) -> list[str]:
+    """Stat every video of a split before the first step: each id must be in the frame cache or have its
+    file. Returns the missing ids; unless ``allow_missing`` (e.g. with ``--skip_bad_videos``) any missing
+    video is a :class:`~emcl.errors.UserError` naming how many, the first ids and where they were sought.
+    Only existence is checked here; damaged files surface when they are read.
+    """
+    from emcl.errors import UserError
+
+    missing: list[str] = []
+    looked = ""
+    for vid in video_ids:
+        if source.cache is not None and vid in source.cache:
+            continue
+        try:
+            path = source.path_for(vid)
+        except VideoError as e:
+            missing.append(vid)
+            looked = looked or str(e)
+            continue
+        if not os.path.isfile(path):
+            missing.append(vid)
+            looked = looked or path
+    if missing and not allow_missing:
+        where = f"frame cache {source.cache.path} and " if source.cache is not None else ""
+        raise UserError(f"{what}: {len(missing)} video(s) not found in {where}{source.video_path} "
+                        f"(first: {', '.join(missing[:10])}; e.g. {looked})")
+    return missing
