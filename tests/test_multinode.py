@@ -110,3 +110,40 @@ def test_two_nodes_on_localhost_match_one_process(data, tmp_path):
     assert torch.allclose(a["model"]["emcl.mu"], b["model"]["emcl.mu"], atol=5e-4)
     m1, m2 = json.loads((one / "metrics.json").read_text()), json.loads((main / "metrics.json").read_text())
     assert m1["test"]["t2v"] == pytest.approx(m2["test"]["t2v"], abs=1e-6)
+
+
+def test_dist_info_rank_is_global_local_rank_only_picks_the_device():
+    from emcl.dist import DistInfo
+
+    second_node = DistInfo(rank=8, world_size=16, local_rank=0, device=torch.device("cpu"), is_main=False)
+    assert second_node.is_local_main and not second_node.is_main
+
+
+@pytest.mark.parametrize(
+    "launcher,expected",
+    [
+        ([], ["--standalone", "--nnodes=1", "--nproc_per_node=4", "--output_dir runs/msrvtt_4gpu"]),
+        (
+            ["--nnodes", "2", "--rdzv_endpoint", "h0:29500", "--rdzv_id", "j1"],
+            ["--nnodes=2", "--rdzv_endpoint=h0:29500", "--rdzv_id=j1", "--rdzv_backend=c10d", "2x4gpu"],
+        ),
+        (
+            ["--nnodes", "2", "--node_rank", "1", "--rdzv_endpoint", "h0:29500"],
+            ["--rdzv_backend=static", "--node_rank=1", "--nproc_per_node=4"],
+        ),
+    ],
+)
+def test_train_sh_launch_commands(launcher, expected):
+    cmd = [str(ROOT / "scripts/train.sh"), *launcher, "msrvtt", "anno", "videos", "4", "--epochs", "1"]
+    proc = subprocess.run(cmd, env={**_env(), "EMCL_DRY_RUN": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith("torchrun ") and line.endswith("--epochs 1")
+    for part in expected:
+        assert part in line, (part, line)
+
+
+def test_train_sh_multinode_needs_an_endpoint():
+    cmd = [str(ROOT / "scripts/train.sh"), "--nnodes", "2", "msrvtt", "anno", "videos"]
+    proc = subprocess.run(cmd, env={**_env(), "EMCL_DRY_RUN": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--rdzv_endpoint" in proc.stderr
