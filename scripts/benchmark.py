@@ -42,7 +42,12 @@ from emcl.clip.memory import CHECKPOINT_LEVELS  # noqa: E402
 from emcl.fileio import save_json, save_yaml  # noqa: E402
 from emcl.scoring import score_matrix  # noqa: E402
 from emcl.train.amp import autocast  # noqa: E402
-from emcl.train.compile import compile_modules, is_compiled, release_compile_workers  # noqa: E402
+from emcl.train.compile import (  # noqa: E402
+    compile_modules,
+    is_compiled,
+    release_compile_workers,
+    set_activation_memory_budget,
+)
 from emcl.train.features import prefetch_to_device  # noqa: E402
 from emcl.train.optim import build_optimizer, param_groups  # noqa: E402
 from video_retrieval.emcl_net.model import EMCLNet, emcl_scores  # noqa: E402
@@ -130,6 +135,12 @@ def parse(argv=None) -> argparse.Namespace:
         choices=("auto", "0", "1"),
         help="torch.compile the CLIP towers: auto = on CUDA (the default), 1 = always, 0 = never",
     )
+    p.add_argument(
+        "--compile_mode",
+        default="default",
+        choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+        help="torch.compile mode (benchmark only)",
+    )
     p.add_argument("--e2e", action="store_true", help="also time the real CLI on a frame cache")
     p.add_argument("--max_steps", type=int, default=60, help="--e2e: CLI training steps")
     p.add_argument("--e2e_warmup", type=int, default=15, help="--e2e: steps left out of the rate")
@@ -182,12 +193,10 @@ def make_model(args, device: torch.device) -> EMCLNet:
     model.clip.set_grad_checkpointing(args.grad_checkpointing, args.checkpoint_layers)
     if args.lean_activations:
         model.clip.set_lean_activations(True)
-    if args.memory_budget is not None:
-        import torch._functorch.config as functorch_config
-
-        functorch_config.activation_memory_budget = args.memory_budget
+    set_activation_memory_budget(args.memory_budget)
+    extra = {} if args.compile_mode == "default" else {"mode": args.compile_mode}
     args.compiled = compile_modules(
-        [model.clip.visual, model.clip.transformer], args.compile, device, names=["visual", "text"]
+        [model.clip.visual, model.clip.transformer], args.compile, device, names=["visual", "text"], **extra
     )
     return model
 
@@ -461,6 +470,7 @@ def main(argv=None) -> dict:
             "lean_activations": args.lean_activations,
             "memory_budget": args.memory_budget,
             "compile_mode": args.compile,
+            "compile_options": args.compile_mode,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }

@@ -54,3 +54,18 @@ def test_benchmark_tiny_cpu(tmp_path):
     # the bf16 fast path agrees with plain fp32 on the same inputs
     assert res["parity_loss_rel_diff"] < 2e-2 and res["parity_similarity_max_abs_diff"] < 5e-2
     assert "train_clips_per_s" in proc.stdout  # the printed table
+
+    # the speed-memory table of scripts/perf_sweep.py reads these reports
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import perf_sweep
+
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "e2e.json").write_text(out.read_text())
+    (tmp_path / "sweep" / "eager.err").write_text("Traceback ...\nexit status 1\n")
+    md = perf_sweep.table(tmp_path / "sweep", ["e2e", "eager", "lean"])
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert (
+        f"{res['train_clips_per_s']:,.0f}" in rows["e2e"] and f"{res['e2e_clips_per_s']:,.0f}" in rows["e2e"]
+    )
+    assert "exit status 1" in rows["eager"] and "not run" in rows["lean"]
+    assert res["device"] in md

@@ -98,3 +98,20 @@ def test_out_of_memory_is_not_swallowed():
         net(torch.randn(2, 6))
     assert is_compiled(net)
     torch._dynamo.reset()
+
+
+def test_activation_memory_budget_setting():
+    import torch._functorch.config as functorch_config
+
+    from emcl.train.compile import set_activation_memory_budget
+
+    before = functorch_config.activation_memory_budget
+    try:
+        set_activation_memory_budget(0.5)
+        assert functorch_config.activation_memory_budget == 0.5
+        set_activation_memory_budget(None)  # leaves it alone
+        assert functorch_config.activation_memory_budget == 0.5
+        with pytest.raises(ValueError, match="within"):
+            set_activation_memory_budget(1.5)
+    finally:
+        functorch_config.activation_memory_budget = before

@@ -32,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["compile_wanted", "compile_modules", "is_compiled", "release_compile_workers"]
+__all__ = [
+    "compile_wanted",
+    "compile_modules",
+    "is_compiled",
+    "release_compile_workers",
+    "set_activation_memory_budget",
+]
 
 log = logging.getLogger("emcl.compile")
 
@@ -125,6 +131,19 @@ def compile_modules(
     if any_compiled:
         log.info("torch.compile: %s (compiled at the first call)", ", ".join(names))
     return any_compiled
+
+
+def set_activation_memory_budget(budget: float | None) -> None:
+    """Compiled training: let the partitioner recompute activations to keep about ``budget`` (0..1) of
+    what it would save (``torch._functorch.config.activation_memory_budget``; 1 = its default, None =
+    leave the setting alone). Affects graphs compiled after the call; eager code is unaffected."""
+    if budget is None:
+        return
+    if not 0.0 <= float(budget) <= 1.0:
+        raise ValueError(f"activation memory budget must be within [0, 1], got {budget}")
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = float(budget)
 
 
 def is_compiled(module: nn.Module) -> bool:
