@@ -61,6 +61,25 @@ def test_failure_at_first_call_falls_back_to_eager_with_one_warning(caplog):
     torch._dynamo.reset()
 
 
+def test_backward_compile_failure_falls_back_at_the_first_call(caplog):
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    net, ref = _net(), _net()
+    backend = aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=_failing_backend)
+    with caplog.at_level(logging.WARNING, logger="emcl.compile"):
+        assert compile_modules([net], "1", torch.device("cpu"), backend=backend)
+        x = torch.randn(3, 6)
+        y = net(x)  # the backward is compiled (and fails) here, not in backward()
+        y.sum().backward()
+    ref(x).sum().backward()
+    assert not is_compiled(net)
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
+    for p, q in zip(net.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    torch._dynamo.reset()
+
+
 def test_failure_at_compile_time_falls_back(caplog):
     net = _net()
     with caplog.at_level(logging.WARNING, logger="emcl.compile"):

@@ -9,9 +9,10 @@ stop the run. So every compiled call is wrapped: when it raises, the module is s
 (its compiled function dropped), ONE warning is logged for the group of modules, and that same call is
 run again eagerly. Out-of-memory errors are not compile failures and propagate unchanged.
 
-What the eager rerun cannot cover: with AOTAutograd the backward graph may be compiled lazily at the
-first ``backward()``; a failure there raises from ``loss.backward()`` in the caller, outside the
-module's call.
+The backward graph: AOTAutograd normally compiles it lazily at the first ``backward()``, where a failure
+would raise from ``loss.backward()`` in the caller, outside the module's call. ``compile_modules`` sets
+``torch._functorch.config.force_non_lazy_backward_lowering`` (where this torch has it) so that the
+backward is compiled together with the forward at the first call, and its failures fall back as well.
 
 Exit: inductor compiles kernels in a pool of worker processes (a "sidecar" process that forks
 workers, ``torch._inductor.compile_worker``). torch shuts the pool down from an ``atexit`` handler and
@@ -118,6 +119,11 @@ def compile_modules(
     names = list(names) if names is not None else [type(m).__name__ for m in modules]
     if len(names) != len(modules):
         raise ValueError(f"compile_modules: {len(modules)} modules but {len(names)} names")
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+        # compile the backward at the first call too, inside the guarded call (see the module docstring)
+        functorch_config.force_non_lazy_backward_lowering = True
     group = _Group()
     any_compiled = False
     for module, name in zip(modules, names):
