@@ -65,6 +65,7 @@ def test_checkpointing_levels_give_the_same_gradients(level, layers):
     model.clip.set_grad_checkpointing(False)
     assert model.clip.grad_checkpointing == ("none", 0)
     assert all("forward" not in b.__dict__ for b in model.clip.visual.transformer.resblocks)
+    assert "forward" not in model.clip.visual.transformer.__dict__
 
 
 def test_checkpointing_actually_recomputes():
@@ -119,3 +120,16 @@ def test_lean_quickgelu_gradient_matches_autograd():
     (y * torch.sigmoid(1.702 * y)).sum().backward()
     LeanQuickGELU()(x).sum().backward()
     torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_whole_block_checkpointing_of_the_first_block_only():
+    """Level "blocks" calls the block itself again in the backward pass (pre-hooks run twice), and only
+    for the first ``layers`` blocks."""
+    model = _model()
+    model.clip.set_grad_checkpointing("blocks", 1)
+    calls = []
+    for i in (0, 1):
+        block = model.clip.visual.transformer.resblocks[i]
+        block.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+    _loss_and_grads(model)
+    assert calls.count(0) == 2 and calls.count(1) == 1

@@ -58,8 +58,6 @@ def _residual_block_forward(
     """open_clip's ``ResidualAttentionBlock.forward`` with the sub-layer named by the block's level
     recomputed in the backward pass (non-reentrant checkpoint, so it composes with torch.compile)."""
     level = getattr(block, _ATTR)
-    if level == "blocks":
-        return checkpoint(type(block).forward, block, q_x, k_x, v_x, attn_mask, use_reentrant=False)
     if k_x is not None or v_x is not None:
         raise NotImplementedError("selective checkpointing supports self-attention blocks only")
 
@@ -74,6 +72,25 @@ def _residual_block_forward(
         return x + mlp_part(x)
     x = q_x + attn_part(q_x, attn_mask)
     return x + checkpoint(mlp_part, x, use_reentrant=False)
+
+
+def _transformer_forward(
+    transformer: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """open_clip's ``Transformer.forward`` with whole-block checkpointing chosen per block: a block at
+    level ``"blocks"`` is called through ``checkpoint`` as a module (its hooks run again in the
+    recomputation, as with open_clip's own switch); the others are called normally (the ``"attn"`` /
+    ``"mlp"`` levels checkpoint inside the block's forward)."""
+    if not transformer.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    for block in transformer.resblocks:
+        if getattr(block, _ATTR, "none") == "blocks":
+            x = checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+        else:
+            x = block(x, attn_mask=attn_mask)
+    if not transformer.batch_first:
+        x = x.transpose(0, 1)
+    return x
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
@@ -105,13 +122,16 @@ def checkpoint_blocks(
     if hasattr(transformer, "grad_checkpointing"):
         transformer.grad_checkpointing = False
     for i, block in enumerate(blocks):
+        block.__dict__.pop(_ATTR, None)
+        block.__dict__.pop("forward", None)
         if level != "none" and i < n:
             setattr(block, _ATTR, level)
-            # an instance attribute: nn.Module.__call__ runs it instead of the class's forward
-            block.forward = functools.partial(_residual_block_forward, block)
-        else:
-            block.__dict__.pop(_ATTR, None)
-            block.__dict__.pop("forward", None)
+            if level != "blocks":
+                # an instance attribute: nn.Module.__call__ runs it instead of the class's forward
+                block.forward = functools.partial(_residual_block_forward, block)
+    transformer.__dict__.pop("forward", None)
+    if level != "none" and n > 0:
+        transformer.forward = functools.partial(_transformer_forward, transformer)
 
 
 def checkpoint_level(transformer: nn.Module) -> tuple[str, int]:
