@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from emcl import dist
-from emcl.clip import build_clip, load_clip
+from emcl.clip import build_clip_from_config, load_clip
 from emcl.data.datasets import (
     RetrievalSplit,
     TextDataset,
@@ -142,7 +142,7 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
     """CLIP (from ``clip_config`` or pretrained ``clip_path``) plus the EMCL-Net head."""
     torch.manual_seed(cfg.seed)
     if cfg.clip_config:
-        clip = build_clip(**cfg.clip_config)
+        clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
     else:
         clip = load_clip(cfg.clip_path)
     if cfg.grad_checkpointing:
