@@ -118,12 +118,31 @@ def _read_id_list(path: Path) -> list[str]:
     return ids
 
 
-def _read_csv_column(path: Path, column: str) -> list[str]:
+def _check_csv_row(row: dict, fieldnames: list[str], path: Path, lineno: int) -> None:
+    """A row with fewer or more fields than the header (a truncated file, an unquoted comma) is an error."""
+    if None in row or any(row.get(k) is None for k in fieldnames):
+        got = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+        raise UserValueError(f"{path}: line {lineno}: expected {len(fieldnames)} comma-separated fields "
+                             f"({','.join(fieldnames)}), got {got}; the file may be truncated or a field "
+                             "holds an unquoted comma")
+
+
+def _read_csv_rows(path: Path, columns: Iterable[str], expected: str) -> list[dict]:
+    """Every row of a CSV file with a header holding ``columns``; rows checked against the header."""
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise UserValueError(f"{path}: expected a header with column '{column}', got {reader.fieldnames}")
-        return [row[column].strip() for row in reader]
+        if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
+            raise UserValueError(f"{path}: expected {expected}, got {reader.fieldnames}")
+        rows = []
+        for row in reader:
+            _check_csv_row(row, list(reader.fieldnames), path, reader.line_num)
+            rows.append(row)
+        return rows
+
+
+def _read_csv_column(path: Path, column: str) -> list[str]:
+    rows = _read_csv_rows(path, [column], f"a header with column '{column}'")
+    return [row[column].strip() for row in rows]
 
 
 def _from_groups(datatype: str, split: str, video_ids: list[str], groups: dict[str, list[str]],
@@ -156,12 +175,7 @@ def _msrvtt(anno_path: str, split: str, msrvtt_train: str | None = "9k", msrvtt_
         raise UserValueError(f"msrvtt_test must be '1k' or 'full', got {msrvtt_test!r}")
     if split == "test" and msrvtt_test == "1k":
         path = _need(anno_path, "MSRVTT_JSFUSION_test.csv", "msrvtt", split)
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"video_id", "sentence"} <= set(reader.fieldnames):
-                raise UserValueError(f"{path}: expected columns key,vid_key,video_id,sentence, "
-                                     f"got {reader.fieldnames}")
-            rows = list(reader)
+        rows = _read_csv_rows(path, ["video_id", "sentence"], "columns key,vid_key,video_id,sentence")
         ids = [r["video_id"].strip() for r in rows]
         _check_unique(ids, path)
         groups = {}
