@@ -377,10 +377,11 @@ def test_flags_are_range_checked_and_not_abbreviated(argv, expected, capsys):
 
 def test_shipped_configs_pass_validation():
     from emcl.train.config import parse_args
-    from video_retrieval.emcl_net.main_task_retrieval import EXTRA_KEYS, build_parser
+    from emcl.train.runner import build_parser
+    from video_retrieval.emcl_net.main_task_retrieval import TASK
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        parse_args(build_parser(), ["--config", str(path)], EXTRA_KEYS)
+        parse_args(build_parser(TASK), ["--config", str(path)], TASK.extra_config_keys)
 
 
 # -------------------------------------------------------------------------------------------- clip_config

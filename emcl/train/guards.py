@@ -25,12 +25,13 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from emcl.errors import UserError
 from emcl.fileio import nonfinite_paths
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LOCK_NAME",
@@ -463,6 +464,8 @@ def check_finite(value: float | torch.Tensor, what: str, hint: str = "") -> None
     ``what`` names the quantity and where (``"training loss at epoch 2, step 17"``); ``hint`` is added
     after it (e.g. which flags to lower).
     """
+    import torch
+
     if isinstance(value, torch.Tensor):
         ok = bool(torch.isfinite(value).all())
         shown = f"{value.item():g}" if value.numel() == 1 else "non-finite"
@@ -477,6 +480,8 @@ def check_finite(value: float | torch.Tensor, what: str, hint: str = "") -> None
 def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int = 10) -> list[str]:
     """Names of (at most ``limit``) floating-point parameters, buffers or state-dict entries holding a
     NaN or infinite value."""
+    import torch
+
     items = tensors.state_dict().items() if isinstance(tensors, torch.nn.Module) else tensors.items()
     bad = []
     for name, t in items:
