@@ -119,6 +119,7 @@ class RunLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_NAME
         self.held = False
+        self.removed: list[Path] = []  # what check_output_dir removed (--overwrite), for the run's log
         self._owner_pid: int | None = None
         self._token: str | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -490,3 +491,29 @@ def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int =
             if len(bad) >= limit:
                 break
     return bad
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], limit: int = 5) -> str:
+    """One line saying why ``loaded`` does not fit a model whose state dict is ``expected``: tensors of
+    another shape, missing and unexpected keys (the first ``limit`` of each); "" when it fits."""
+    shape = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k, v in loaded.items()
+        if k in expected and hasattr(v, "shape") and hasattr(expected[k], "shape")
+        and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    parts = []
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+    if shape:
+        parts.append(f"{len(shape)} tensor(s) of another shape: " + "; ".join(shape[:limit])
+                     + (f" (and {len(shape) - limit} more)" if len(shape) > limit else ""))
+    if missing:
+        parts.append(f"{len(missing)} missing: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
+    return "; ".join(parts)
