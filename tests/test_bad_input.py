@@ -244,6 +244,19 @@ def test_non_finite_loss_stops_at_that_step_without_a_checkpoint(data, tmp_path,
     no_results(out)
 
 
+def test_non_finite_weights_are_not_saved(data, tmp_path, monkeypatch):
+    def overflow(model):  # an update that overflowed while the loss was still finite
+        with torch.no_grad():
+            model.clip.logit_scale.fill_(float("inf"))
+
+    monkeypatch.setattr(mtr.TASK, "after_step", overflow)
+    out = tmp_path / "inf"
+    code, err = cli(flags(data, out, "--max_steps", "1"))
+    assert code == 2
+    assert error_line(err).startswith("error: non-finite weights after epoch 1, step 1 (clip.logit_scale)")
+    no_results(out)
+
+
 # ------------------------------------------------------------------------------ 4. everything skipped
 @pytest.fixture
 def unreadable_train(data, tmp_path) -> Path:
@@ -260,10 +273,13 @@ def unreadable_train(data, tmp_path) -> Path:
 
 def test_unreadable_videos_are_named_and_bounded(unreadable_train, tmp_path):
     out = tmp_path / "o"
-    code, err = cli(flags(unreadable_train, out))  # without --skip_bad_videos: the first bad video
-    assert code == 2
-    assert "unreadable or corrupt file" in error_line(err) and "video" in error_line(err)
-    no_results(out)
+    for workers in ("0", "1"):  # without --skip_bad_videos: the first bad video, named in one line
+        code, err = cli([*flags(unreadable_train, out), "--workers", workers])
+        assert code == 2
+        line = error_line(err)
+        pattern = r"error: video 'video\d+' \(.*video\d+\.mp4\): unreadable or corrupt file"
+        assert re.match(pattern, line), line
+        no_results(out)
     code, err = cli(flags(unreadable_train, out, "--skip_bad_videos", "--overwrite"))
     assert code == 2
     line = error_line(err)

@@ -490,6 +490,12 @@ def train(
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         _check_finite(first_bad, epoch, cfg)
+        bad_weights = guards.nonfinite_tensors(unwrap(model))  # e.g. an update that overflowed
+        if bad_weights:
+            raise NonFiniteError(
+                f"non-finite weights after epoch {epoch + 1}, step {step} ({', '.join(bad_weights)}); the "
+                f"run stopped before saving that state. Lower --lr (now {cfg.lr:g})"
+            )
         if info.world_size > 1:  # every rank skipped its own samples
             skipped = sum(dist.all_gather_object_list(skipped))
             skipped_ids = set().union(*dist.all_gather_object_list(sorted(skipped_ids)))
