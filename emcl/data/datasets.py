@@ -45,7 +45,9 @@ def tokenize_split(split: RetrievalSplit, max_words: int) -> tuple[torch.Tensor,
     try:
         return tokenize(split.captions, max_words)
     except ValueError as e:
-        raise ValueError(f"{split.datatype}/{split.split}: {e}") from e
+        from emcl.errors import UserValueError
+
+        raise UserValueError(f"{split.datatype}/{split.split}: {e}") from e
 
 
 def _load_video(split: RetrievalSplit, source, video_index: int):

@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from emcl import dist
-from emcl.clip import build_clip, load_clip
+from emcl.clip import build_clip_from_config, load_clip
 from emcl.data.datasets import (
     RetrievalSplit,
     TextDataset,
@@ -36,7 +36,7 @@ from emcl.data.datasets import (
     load_split,
 )
 from emcl.data.loader import build_loader
-from emcl.data.video import VideoSource, check_videos_exist
+from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
 from emcl.metrics import DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
@@ -100,7 +100,7 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
     """CLIP (from ``clip_config`` or pretrained ``clip_path``) plus the EMCL-Net head."""
     torch.manual_seed(cfg.seed)
     if cfg.clip_config:
-        clip = build_clip(**cfg.clip_config)
+        clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
     else:
         clip = load_clip(cfg.clip_path)
     if cfg.grad_checkpointing:
@@ -416,11 +416,22 @@ def after_step(model: EMCLNet) -> None:
 
 
 def check_data(cfg: argparse.Namespace, splits: list[str]) -> None:
-    """Before the first step: parse every split the run uses and stat each of its videos."""
+    """Before the first step: parse every split the run uses and stat each of its videos.
+
+    A missing or empty video is an error; with ``--skip_bad_videos`` up to ``--max_skip_fraction`` of a
+    split's videos may be missing (logged; they are skipped like unreadable ones)."""
     source = video_source(cfg)
     for name in splits:
         split = get_split(cfg, name)
-        check_videos_exist(source, split.video_ids, f"{split.datatype}/{name}")
+        what = f"{split.datatype}/{name}"
+        if not cfg.skip_bad_videos:
+            check_videos_exist(source, split.video_ids, what)
+            continue
+        bad = missing_videos(source, split.video_ids)
+        if bad:
+            log.warning("%s: %d missing or empty video(s) will be skipped: %s", what, len(bad),
+                        ", ".join(list(bad)[:20]))
+            SkipBudget(len(split.video_ids), cfg.max_skip_fraction, what).add(bad)
 
 
 def compile_targets(model: EMCLNet) -> list[torch.nn.Module]:
