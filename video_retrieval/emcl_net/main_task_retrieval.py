@@ -135,7 +135,9 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     syn = dict(cfg.synthetic)
     out = Path(syn.pop("out", "data/synthetic"))
     use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
-    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px.h5"
+    rounding = index_rounding(cfg)
+    suffix = "" if rounding == "round" else f"_{rounding}"
+    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px{suffix}.h5"
     if info.is_main:
         make_synthetic(out, format=cfg.datatype, **syn)
         if use_cache:
@@ -147,6 +149,7 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
                 size=cfg.image_size,
                 workers=min(2, cfg.workers),
                 backend=cfg.decode_backend,
+                index_rounding=rounding,
             )
     dist.barrier()
     cfg.anno_path = str(out / "annotations")
@@ -165,7 +168,13 @@ def video_source(cfg: argparse.Namespace) -> VideoSource:
         frame_cache=cfg.frame_cache,
         any_extension=cfg.datatype == "msvd",
         cache_in_memory=bool(cfg.cache_in_memory),
+        index_rounding=index_rounding(cfg),
     )
+
+
+def index_rounding(cfg: argparse.Namespace) -> str:
+    """Evenly spaced frame indices: rounded (ours) or truncated as the reference (``--faithful``)."""
+    return "floor" if cfg.faithful else "round"
 
 
 def split_options(cfg: argparse.Namespace) -> dict[str, Any]:
