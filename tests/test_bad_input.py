@@ -136,6 +136,26 @@ def test_second_run_in_a_folder_stops_with_the_lock_error(concurrent, finished):
     assert not (finished / ".run.lock").exists()
 
 
+def test_stale_lock_is_reported_with_the_rm_command_and_taken_over_by_resume(data, finished, tmp_path):
+    out = tmp_path / "killed"
+    shutil.copytree(finished, out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": os.uname().nodename, "started": "2026-01-01T00:00:00+00:00",
+             "argv": ["main_task_retrieval.py"], "token": "x"}
+    (out / ".run.lock").write_text(json.dumps(stale))
+    code, err = cli(flags(data, out, "--seed", "1"))
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(f"error: output folder {out} has a stale lock: the run that took it "
+                           f"(pid {dead.pid}")
+    assert line.endswith(f"clear the lock with: rm {out / '.run.lock'}")
+    code, err = cli(flags(data, out, "--seed", "1", "--resume"))  # a requeued job takes it over
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == str(out / "checkpoint_last.pt")
+    assert not (out / ".run.lock").exists()
+
+
 def test_finished_folder_is_not_reused_and_errors_are_one_line(data, finished):
     before = {n: (finished / n).read_bytes() for n in ("metrics.json", "config.yaml")}
     proc = subprocess.run([sys.executable, "-m", MODULE, *flags(data, finished, "--seed", "3")], cwd=ROOT,

@@ -177,9 +177,8 @@ class RunLock:
             if self._stale(rec):
                 return UserError(
                     f"output folder {self.output_dir} has a stale lock: the run that took it "
-                    f"({self._describe(rec)}) is no longer running. Check its results, then clear the "
-                    f"lock with: {self._rm()} (use --resume to continue that run or --overwrite to "
-                    "start again)"
+                    f"({self._describe(rec)}) is no longer running. Pass --resume to continue that run "
+                    f"(it takes the lock over), or check its results and clear the lock with: {self._rm()}"
                 )
             return UserError(
                 f"output folder {self.output_dir} is in use by another run: {self._describe(rec)}. "
@@ -216,9 +215,10 @@ class RunLock:
                     if rec is not None or not self.path.exists():
                         break
             if take_stale and rec is not None and self._stale(rec):
-                log.warning("taking over the stale lock of a run that is gone (%s)", self._describe(rec))
-                self.path.unlink(missing_ok=True)
-                return self.acquire()
+                if self._remove_stale(rec):
+                    log.warning("taking over the stale lock of a run that is gone (%s)", self._describe(rec))
+                    return self.acquire()
+                rec = self.read()  # another run took it over first
             raise self._holder_error(rec) from None
         except OSError as e:
             raise UserError(f"output folder {self.output_dir} is not writable: cannot create "
@@ -241,6 +241,26 @@ class RunLock:
             atexit.register(self.release)
             self._atexit_registered = True
         return self
+
+    def _remove_stale(self, rec: dict[str, Any]) -> bool:
+        """Remove the lock file if it still holds the stale record ``rec``; two runs taking over the same
+        stale lock cannot both succeed (the file is renamed away first, atomically)."""
+        aside = self.path.with_name(f"{LOCK_NAME}.stale.{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it: race for a fresh one
+        try:
+            same = json.loads(aside.read_text()) == rec
+        except (OSError, ValueError):
+            same = False
+        if same:
+            aside.unlink(missing_ok=True)
+            return True
+        with contextlib.suppress(FileExistsError):  # a fresh lock of another run: put it back (no clobber)
+            os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+        return False
 
     def release(self) -> None:
         """Remove the lock if this process holds it and the file is still the one it wrote."""
