@@ -425,3 +425,17 @@ def test_read_only_output_folder_fails_before_any_work(data, tmp_path):
     finally:
         out.chmod(0o755)
     assert code == 2 and "not writable" in error_line(err) and str(out) in error_line(err)
+
+
+def test_synthetic_section_typo_names_the_key(tmp_path):
+    config = yaml.safe_load((ROOT / "configs/synthetic.yaml").read_text())
+    config["synthetic"]["out"] = str(tmp_path / "syn")
+    config["synthetic"]["num_video"] = config["synthetic"].pop("num_videos")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = cli(["--config", str(path), "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2
+    assert error_line(err).startswith(f"error: {path}: synthetic: unknown key(s) 'num_video' (did you mean "
+                                      "'num_videos'?); allowed keys: num_videos, seed, split_sizes")
+    assert not (tmp_path / "syn").exists()
+    no_results(tmp_path / "o")

@@ -535,3 +535,19 @@ def test_remove_stale_puts_back_a_lock_that_changed(tmp_path):
     assert json.loads(lock.path.read_text()) == fresh
     assert [p.name for p in tmp_path.iterdir()] == [".run.lock"]
     assert lock._remove_stale(fresh) is True and list(tmp_path.iterdir()) == []
+
+
+def test_check_keys_for_nested_config_sections():
+    from emcl.train.config import check_keys
+
+    allowed = ["num_videos", "seed", "frames", "out"]
+    assert check_keys({"num_videos": 3, "seed": 0}, allowed, "c.yaml: synthetic", ["num_videos"]) == {
+        "num_videos": 3, "seed": 0}
+    expected = (r"c.yaml: synthetic: unknown key\(s\) 'frame' \(did you mean 'frames'\?\); "
+                r"allowed keys: num_videos, seed, frames, out")
+    with pytest.raises(UserError, match=expected):
+        check_keys({"frame": 3}, allowed, "c.yaml: synthetic")
+    with pytest.raises(UserError, match=r"missing required key\(s\) seed"):
+        check_keys({"num_videos": 3}, allowed, "s", ["num_videos", "seed"])
+    with pytest.raises(UserError, match="s: expected a mapping, got list"):
+        check_keys([1], allowed, "s")

@@ -14,6 +14,7 @@ Outputs in ``--output_dir``: ``config.yaml``, ``train.log``, ``metrics.json``, `
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import time
 from functools import partial
@@ -40,7 +41,7 @@ from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing
 from emcl.metrics import DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
-from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
+from emcl.train.config import check_keys, fraction, nonneg_float, positive_float, positive_int
 from emcl.train.errors import UserError, cli_main
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
@@ -132,7 +133,13 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     from emcl.data.cache import build_cache
     from emcl.data.synthetic import make_synthetic
 
-    syn = dict(cfg.synthetic)
+    params = inspect.signature(make_synthetic).parameters
+    syn = check_keys(
+        cfg.synthetic,
+        [*(k for k in params if k not in ("out", "format")), "out", "frame_cache"],
+        f"{cfg.config or 'config'}: synthetic",
+        required=[k for k, p in params.items() if p.default is p.empty and k != "out"],
+    )
     out = Path(syn.pop("out", "data/synthetic"))
     use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
     rounding = index_rounding(cfg)
