@@ -261,3 +261,35 @@ def test_score_matrix_under_bf16_autocast_equals_fp32(mode):
     assert got.dtype == torch.float32 and (got - ref).abs().max() < 1e-5
     want = score_matrix(plain, t.bfloat16().float(), f.bfloat16().float(), m, mode=mode, block=16)
     assert (got_bf16_in - want).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- multi-positive loss
+
+
+def test_forward_with_video_ids_uses_the_multi_positive_loss_and_gathers_them(model):
+    from emcl.loss import multi_positive_ce, symmetric_ce
+
+    ids, tmask, frames, fmask = batch(n=6, seed=4)
+    with torch.no_grad():
+        t, f = model.encode_text(ids, tmask), model.encode_video(frames, fmask)
+        s = model.logit_scale.exp() * model.scores(t, f, fmask)
+        distinct = torch.arange(6)
+        shared = torch.tensor([0, 1, 0, 2, 1, 3])
+        assert torch.allclose(model(ids, tmask, frames, fmask), symmetric_ce(s), atol=1e-5)
+        plain = model(ids, tmask, frames, fmask, video_ids=distinct)
+        assert torch.allclose(plain, symmetric_ce(s), atol=1e-5)
+        got = model(ids, tmask, frames, fmask, video_ids=shared)
+        assert torch.allclose(got, multi_positive_ce(s, shared), atol=1e-5)
+        assert not torch.allclose(got, symmetric_ce(s), atol=1e-3)
+        # the ids travel through the rank gather like the features (here: a fake 2-rank gather)
+        seen = []
+
+        def gather(x):
+            seen.append(x.dtype)
+            return torch.cat([x, x.flip(0)])
+
+        two = model(ids, tmask, frames, fmask, gather=gather, video_ids=shared)
+        s2 = model.logit_scale.exp() * model.scores(torch.cat([t, t.flip(0)]), torch.cat([f, f.flip(0)]),
+                                                    torch.cat([fmask, fmask.flip(0)]))
+        assert torch.long in seen
+        assert torch.allclose(two, multi_positive_ce(s2, torch.cat([shared, shared.flip(0)])), atol=1e-5)
