@@ -125,7 +125,11 @@ def _cell(cell: dict[str, Any] | None, n_seeds: int) -> str:
 
 
 def format_markdown(summary: dict[str, Any], title: str = "") -> str:
-    """A markdown table: one line per (group, direction), one column per metric, ``mean ± std``."""
+    """A markdown table: one line per (policy, direction), one column per metric, ``mean ± std``.
+
+    The headline rows are printed once, as their policy's rows marked ``(headline)``, when they are
+    that policy's numbers in every run (as the runner writes them); otherwise as a group of their own.
+    """
     n = len(summary["seeds"])
     block = summary["eval_block"]
     head_name = f"{HEADLINE} (eval_block={block})" if isinstance(block, str) else HEADLINE
@@ -142,9 +146,15 @@ def format_markdown(summary: dict[str, Any], title: str = "") -> str:
     groups = summary["groups"]
     order = [HEADLINE] + [g for g in ("paper", "query", "none") if g in groups]
     order += [g for g in groups if g not in order]
+    names = {g: g for g in order}
+    names[HEADLINE] = head_name
+    if isinstance(block, str) and groups.get(block) == groups.get(HEADLINE):
+        # the headline rows are that policy's rows: print them once, labelled
+        order.remove(HEADLINE)
+        names[block] = f"{block} (headline)"
     for group in order:
         for direction, cells in groups.get(group, {}).items():
-            name = head_name if group == HEADLINE else group
+            name = names[group]
             row = [_cell(cells.get(k), n) for k in RANK_KEYS]
             lines.append(f"| {name} | {direction} | " + " | ".join(row) + " |")
     if any("v2t_captions" in rows for rows in groups.values()):
