@@ -157,6 +157,10 @@ def format_markdown(summary: dict[str, Any], title: str = "") -> str:
             name = names[group]
             row = [_cell(cells.get(k), n) for k in RANK_KEYS]
             lines.append(f"| {name} | {direction} | " + " | ".join(row) + " |")
+    diffs = summary.get("config_differences") or {}
+    if diffs:
+        lines += ["", "**The runs differ in settings other than the seed:** "
+                  + "; ".join(f"{k}: {v}" for k, v in diffs.items())]
     if any("v2t_captions" in rows for rows in groups.values()):
         lines += ["", "v2t: each video ranks the videos' best captions (the reference's protocol); "
                   "v2t_captions: each video ranks all captions (harder; not the paper's protocol)."]
@@ -176,6 +180,27 @@ def load_runs(output_dir: str | os.PathLike[str], seeds: Sequence[int]) -> dict[
         except json.JSONDecodeError as e:
             raise ValueError(f"seed {seed}: {path} is not valid JSON ({e})") from None
     return runs
+
+
+#: Settings expected to differ between the runs of one sweep.
+PER_RUN_KEYS = frozenset({"seed", "output_dir", "overwrite", "resume", "n_display", "debug", "tensorboard"})
+
+
+def config_differences(output_dir: str | os.PathLike[str], seeds: Sequence[int]) -> dict[str, dict[int, Any]]:
+    """Settings (from each run's ``config.yaml``) that differ between the seeds, other than
+    :data:`PER_RUN_KEYS`: ``{key: {seed: value}}``. Runs without a config.yaml are left out."""
+    import yaml
+
+    configs = {}
+    for seed in seeds:
+        path = Path(output_dir) / f"seed_{seed}" / "config.yaml"
+        if path.is_file():
+            loaded = yaml.safe_load(path.read_text())
+            if isinstance(loaded, dict):
+                configs[seed] = loaded
+    keys = sorted({k for c in configs.values() for k in c} - PER_RUN_KEYS)
+    return {k: {seed: c.get(k) for seed, c in configs.items()} for k in keys
+            if len({repr(c.get(k)) for c in configs.values()}) > 1}
 
 
 def write_summary(
@@ -277,6 +302,10 @@ def main(argv: Sequence[str] | None = None, runner: Callable[..., Any] = subproc
         raise SystemExit(str(e)) from None
     summary["config"] = args.config
     summary["extra_flags"] = extra
+    summary["config_differences"] = config_differences(args.output_dir, args.seeds)
+    if summary["config_differences"]:
+        print(f"WARNING: the runs differ in {sorted(summary['config_differences'])} (see their config.yaml)",
+              file=sys.stderr)
     title = f"{args.config} {shlex.join(extra)}".strip()
     md, js = write_summary(args.output_dir, summary, title)
     print(format_markdown(summary, title))

@@ -96,6 +96,8 @@ def _fake_runner(calls: list, fail_seed: int | None = None):
             return SimpleNamespace(returncode=3)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(_metrics(seed)))
+        epochs = cmd[cmd.index("--epochs") + 1] if "--epochs" in cmd else "5"
+        (out / "config.yaml").write_text(f"seed: {seed}\noutput_dir: {out}\nepochs: {epochs}\nlr: 0.001\n")
         return SimpleNamespace(returncode=0)
 
     return run
@@ -117,6 +119,14 @@ def test_main_runs_each_seed_passes_flags_and_writes_tables(tmp_path, capsys):
     assert summary["extra_flags"] == ["--epochs", "2", "--eval_block", "paper"]
     assert (tmp_path / "multiseed.md").read_text().startswith("### configs/synthetic.yaml --epochs 2")
     assert "31.0 ± 1.0" in capsys.readouterr().out
+    assert summary["config_differences"] == {}
+
+    # a run with other settings than its siblings is flagged
+    (tmp_path / "seed_1" / "config.yaml").write_text("seed: 1\nepochs: 3\nlr: 0.001\n")
+    ms.main(argv, runner=_fake_runner(calls))
+    assert ms.config_differences(tmp_path, [0, 1, 2]) == {"epochs": {0: 2, 1: 3, 2: 2}}
+    assert "differ in settings" in (tmp_path / "multiseed.md").read_text()
+    assert "WARNING" in capsys.readouterr().err
 
     # finished seeds are not run again; a new seed is; --rerun runs all with --overwrite
     calls.clear()
