@@ -150,24 +150,29 @@ class RunLock:
         return (f"pid {rec.get('pid')} on host {rec.get('host')}, started {rec.get('started')} "
                 f"(command: {cmd})")
 
+    def _stale(self, rec: dict[str, Any]) -> bool:
+        """Whether the lock's holder ran on this host and is gone (or its pid was reused since)."""
+        if rec.get("host") != socket.gethostname():
+            return False
+        try:
+            pid = int(rec.get("pid", -1))
+        except (TypeError, ValueError):
+            pid = -1
+        # our own pid but not a lock this process holds: a pid reused after a restart (containers)
+        stale = not _pid_alive(pid) or (pid == os.getpid() and str(self.path.resolve()) not in _HELD)
+        if not stale:  # a live pid may be a reused one: compare its start with the lock's
+            began, locked = _process_start(pid), _started_epoch(rec.get("started"))
+            stale = began is not None and locked is not None and began > locked + 2.0
+        return stale
+
     def _holder_error(self, rec: dict[str, Any] | None) -> UserError:
         if rec is None:
             return UserError(
                 f"output folder {self.output_dir} is locked by another run, but its lock file {self.path} "
                 f"cannot be read; if no run uses this folder, clear it with: {self._rm()}"
             )
-        host = socket.gethostname()
-        try:
-            pid = int(rec.get("pid", -1))
-        except (TypeError, ValueError):
-            pid = -1
-        if rec.get("host") == host:
-            # our own pid but not a lock this process holds: a pid reused after a restart (containers)
-            stale = not _pid_alive(pid) or (pid == os.getpid() and str(self.path.resolve()) not in _HELD)
-            if not stale:  # a live pid may be a reused one: compare its start with the lock's
-                began, locked = _process_start(pid), _started_epoch(rec.get("started"))
-                stale = began is not None and locked is not None and began > locked + 2.0
-            if stale:
+        if rec.get("host") == socket.gethostname():
+            if self._stale(rec):
                 return UserError(
                     f"output folder {self.output_dir} has a stale lock: the run that took it "
                     f"({self._describe(rec)}) is no longer running. Check its results, then clear the "
@@ -185,8 +190,12 @@ class RunLock:
         )
 
     # -- acquire / release
-    def acquire(self) -> RunLock:
-        """Take the lock or raise :class:`UserError` naming the holder (or the stale lock)."""
+    def acquire(self, take_stale: bool = False) -> RunLock:
+        """Take the lock or raise :class:`UserError` naming the holder (or the stale lock).
+
+        ``take_stale`` (``--resume``: a requeued job continuing after its predecessor was killed) takes
+        over a stale lock of this host with a warning instead of refusing.
+        """
         if self.held:
             return self
         try:
@@ -204,6 +213,10 @@ class RunLock:
                     rec = self.read()
                     if rec is not None or not self.path.exists():
                         break
+            if take_stale and rec is not None and self._stale(rec):
+                log.warning("taking over the stale lock of a run that is gone (%s)", self._describe(rec))
+                self.path.unlink(missing_ok=True)
+                return self.acquire()
             raise self._holder_error(rec) from None
         except OSError as e:
             raise UserError(f"output folder {self.output_dir} is not writable: cannot create "

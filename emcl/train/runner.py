@@ -569,7 +569,7 @@ def _prepare_output(cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> 
     def take() -> guards.RunLock:
         # the lock first: --overwrite must never delete the files of a run that is still going
         lock = guards.RunLock(out)
-        lock.acquire()
+        lock.acquire(take_stale=cfg.resume)  # a requeued job resumes after its killed predecessor
         try:
             guards.check_output_dir(out, cfg.resume, cfg.overwrite)
         except BaseException:
