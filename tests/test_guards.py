@@ -377,10 +377,11 @@ def test_flags_are_range_checked_and_not_abbreviated(argv, expected, capsys):
 
 def test_shipped_configs_pass_validation():
     from emcl.train.config import parse_args
-    from video_retrieval.emcl_net.main_task_retrieval import EXTRA_KEYS, build_parser
+    from emcl.train.runner import build_parser
+    from video_retrieval.emcl_net.main_task_retrieval import TASK
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        parse_args(build_parser(), ["--config", str(path)], EXTRA_KEYS)
+        parse_args(build_parser(TASK), ["--config", str(path)], TASK.extra_config_keys)
 
 
 # -------------------------------------------------------------------------------------------- clip_config
@@ -496,3 +497,17 @@ def test_video_error_is_a_one_line_user_error_also_from_a_worker():
     w = VideoError(worker)
     assert str(w) == "video 'v' (/d/v.mp4): unreadable (in a DataLoader worker)"
     assert w.worker_traceback == worker
+
+
+def test_state_dict_mismatch_is_one_line():
+    from emcl.train.guards import state_dict_mismatch
+
+    model = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}
+    assert state_dict_mismatch(model, dict(model)) == ""
+    loaded = {"a": torch.zeros(2, 4), "b": torch.zeros(4), "d": torch.zeros(1)}
+    assert state_dict_mismatch(model, loaded) == (
+        "1 tensor(s) of another shape: a: (2, 4) in the file, (2, 3) in the model; 1 missing: c; "
+        "1 unexpected: d"
+    )
+    many = {f"k{i}": torch.zeros(1) for i in range(7)}
+    assert state_dict_mismatch({}, many, limit=2) == "7 unexpected: k0, k1 (and 5 more)"

@@ -25,12 +25,13 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from emcl.errors import UserError
 from emcl.fileio import nonfinite_paths
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LOCK_NAME",
@@ -118,6 +119,7 @@ class RunLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_NAME
         self.held = False
+        self.removed: list[Path] = []  # what check_output_dir removed (--overwrite), for the run's log
         self._owner_pid: int | None = None
         self._token: str | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -476,6 +478,8 @@ def check_finite(value: float | torch.Tensor, what: str, hint: str = "") -> None
     ``what`` names the quantity and where (``"training loss at epoch 2, step 17"``); ``hint`` is added
     after it (e.g. which flags to lower).
     """
+    import torch
+
     if isinstance(value, torch.Tensor):
         ok = bool(torch.isfinite(value).all())
         shown = f"{value.item():g}" if value.numel() == 1 else "non-finite"
@@ -490,6 +494,8 @@ def check_finite(value: float | torch.Tensor, what: str, hint: str = "") -> None
 def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int = 10) -> list[str]:
     """Names of (at most ``limit``) floating-point parameters, buffers or state-dict entries holding a
     NaN or infinite value."""
+    import torch
+
     items = tensors.state_dict().items() if isinstance(tensors, torch.nn.Module) else tensors.items()
     bad = []
     for name, t in items:
@@ -498,3 +504,29 @@ def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int =
             if len(bad) >= limit:
                 break
     return bad
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], limit: int = 5) -> str:
+    """One line saying why ``loaded`` does not fit a model whose state dict is ``expected``: tensors of
+    another shape, missing and unexpected keys (the first ``limit`` of each); "" when it fits."""
+    shape = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k, v in loaded.items()
+        if k in expected and hasattr(v, "shape") and hasattr(expected[k], "shape")
+        and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    parts = []
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+    if shape:
+        parts.append(f"{len(shape)} tensor(s) of another shape: " + "; ".join(shape[:limit])
+                     + (f" (and {len(shape) - limit} more)" if len(shape) > limit else ""))
+    if missing:
+        parts.append(f"{len(missing)} missing: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
+    return "; ".join(parts)

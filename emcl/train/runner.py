@@ -490,6 +490,12 @@ def train(
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         _check_finite(first_bad, epoch, cfg)
+        bad_weights = guards.nonfinite_tensors(unwrap(model))  # e.g. an update that overflowed
+        if bad_weights:
+            raise NonFiniteError(
+                f"non-finite weights after epoch {epoch + 1}, step {step} ({', '.join(bad_weights)}); the "
+                f"run stopped before saving that state. Lower --lr (now {cfg.lr:g})"
+            )
         if info.world_size > 1:  # every rank skipped its own samples
             skipped = sum(dist.all_gather_object_list(skipped))
             skipped_ids = set().union(*dist.all_gather_object_list(sorted(skipped_ids)))
@@ -571,7 +577,7 @@ def _prepare_output(cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> 
         lock = guards.RunLock(out)
         lock.acquire(take_stale=cfg.resume)  # a requeued job resumes after its killed predecessor
         try:
-            guards.check_output_dir(out, cfg.resume, cfg.overwrite)
+            lock.removed = guards.check_output_dir(out, cfg.resume, cfg.overwrite)
         except BaseException:
             lock.release()
             raise
@@ -589,6 +595,8 @@ def run(task: Task, argv: Sequence[str] | None = None, description: str | None =
     try:
         lock = _prepare_output(cfg, info, out)
         setup_logging(out, info.rank)
+        if lock is not None and lock.removed:  # said again, now that train.log exists
+            log.warning("--overwrite: removed the earlier run's %s", ", ".join(p.name for p in lock.removed))
         return _run(task, cfg, info, out)
     finally:
         if lock is not None:
@@ -632,7 +640,8 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise UserError(f"{cfg.init_model} does not fit the model these settings build: {e}") from e
+            why = guards.state_dict_mismatch(model.state_dict(), state) or str(e).splitlines()[0]
+            raise UserError(f"{cfg.init_model} does not fit the model these settings build: {why}") from e
         log.info("loaded %s", cfg.init_model)
         del init_ck
     model.to(info.device)
