@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from emcl.errors import UserValueError
+
+log = logging.getLogger("emcl.data")
 
 DATATYPES = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo")
 SPLITS = ("train", "val", "test")
@@ -252,13 +255,27 @@ def _msvd(anno_path: str, split: str, **_: object) -> RetrievalSplit:
 # --- LSMDC ---------------------------------------------------------------------------------------
 LSMDC_FILES = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
                "test": "LSMDC16_challenge_1000_publictect.csv"}
+#: Clips the reference drops from every LSMDC split (hard-coded in its loader); we drop them too, logged.
+LSMDC_SKIPPED_CLIPS = frozenset({
+    "0017_Pianist_00.23.28.872-00.23.34.843",
+    "0017_Pianist_00.30.36.767-00.30.38.009",
+    "3064_SPARKLE_2012_01.41.07.000-01.41.11.793",
+})
 
 
 def _lsmdc(anno_path: str, split: str, **_: object) -> RetrievalSplit:
+    """LSMDC as it ships: a clip id may appear on several lines (``<CLIP_ID>`` is not unique in the
+    training and val csvs); each repeat is one more caption of the same clip, as in the reference.
+    Captions keep the file's line order (the reference's text order, which the ``paper`` evaluation
+    blocks depend on); clips are numbered by first appearance. The reference's three skipped clips
+    (:data:`LSMDC_SKIPPED_CLIPS`) are dropped. Both are counted in the log."""
     path = _need(anno_path, LSMDC_FILES[split], "lsmdc", split)
     ids: list[str] = []
-    groups: dict[str, list[str]] = {}
-    first_line: dict[str, int] = {}
+    index: dict[str, int] = {}
+    captions: list[str] = []
+    caption_video: list[int] = []
+    repeats = 0
+    skipped: dict[str, int] = {}
     with open(path, encoding="utf-8", newline="") as fh:
         # The sentences contain unbalanced quotes: no quote handling at all.
         for lineno, row in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
@@ -268,14 +285,29 @@ def _lsmdc(anno_path: str, split: str, **_: object) -> RetrievalSplit:
                 raise UserValueError(f"{path}: line {lineno}: expected 6 tab-separated fields (clip_id, "
                                      f"4 times, sentence), got {len(row)}")
             clip_id = row[0].strip()
-            if clip_id in first_line:
-                raise UserValueError(f"{path}: line {lineno}: duplicate clip id '{clip_id}' "
-                                     f"(first at line {first_line[clip_id]})")
-            first_line[clip_id] = lineno
-            sentence = " ".join(x for x in row[5:] if x.strip())
-            groups[clip_id] = [_check_caption(sentence, path, f"line {lineno} ({clip_id})")]
-            ids.append(clip_id)
-    return _from_groups("lsmdc", split, ids, groups, file=str(path))
+            if not clip_id:
+                raise UserValueError(f"{path}: line {lineno}: empty clip id")
+            if clip_id in LSMDC_SKIPPED_CLIPS:
+                skipped[clip_id] = skipped.get(clip_id, 0) + 1
+                continue
+            sentence = _check_caption(" ".join(x for x in row[5:] if x.strip()), path,
+                                      f"line {lineno} ({clip_id})")
+            if clip_id in index:
+                repeats += 1
+            else:
+                index[clip_id] = len(ids)
+                ids.append(clip_id)
+            captions.append(sentence)
+            caption_video.append(index[clip_id])
+    if skipped:
+        log.info("lsmdc %s (%s): skipped %d line(s) of %d clip(s) the reference skips: %s", split, path,
+                 sum(skipped.values()), len(skipped), ", ".join(sorted(skipped)))
+    if repeats:
+        log.info("lsmdc %s (%s): %d line(s) repeat an earlier clip id and are kept as extra captions of "
+                 "that clip (%d clips, %d captions)", split, path, repeats, len(ids), len(captions))
+    if not ids:
+        raise UserValueError(f"lsmdc {split}: the split is empty ({path})")
+    return RetrievalSplit("lsmdc", split, ids, captions, caption_video, None, {"file": str(path)})
 
 
 # --- ActivityNet Captions ------------------------------------------------------------------------

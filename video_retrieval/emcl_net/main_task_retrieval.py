@@ -38,7 +38,7 @@ from emcl.data.datasets import (
 )
 from emcl.data.loader import build_loader
 from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
-from emcl.metrics import DIRECTIONS, evaluate_similarity, format_table
+from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
 from emcl.train.config import check_keys, fraction, nonneg_float, positive_float, positive_int
@@ -93,6 +93,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "query: EM per text over all videos; none: no EM",
     )
     a("--eval_block_size", type=positive_int, default=32)
+    a(
+        "--multi_positive",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="other captions of the same video in a batch are positives, not negatives (reference: 0)",
+    )
     a("--grad_checkpointing", action="store_true")
 
 
@@ -335,12 +342,12 @@ def evaluate(model: EMCLNet, split: str, cfg, info: dist.DistInfo) -> dict[str, 
 def format_results(res: dict[str, Any]) -> str:
     """The headline table, then one line per policy and direction: the policies side by side."""
     lines = [f"headline policy: {res['eval_block']} ({res['num_texts']} texts x {res['num_videos']} videos)"]
-    lines.append(format_table({k: v for k, v in res.items() if k in DIRECTIONS}))
+    lines.append(format_table({k: v for k, v in res.items() if k in (*DIRECTIONS, *CAPTION_DIRECTIONS)}))
     keys = ("R1", "R5", "R10", "R50", "MdR", "MnR")
-    lines.append(f"{'policy':<7} {'direction':<14}" + "".join(f"{k:>8}" for k in keys))
+    lines.append(f"{'policy':<7} {'direction':<17}" + "".join(f"{k:>8}" for k in keys))
     for policy, rows in res["policies"].items():
         for direction, row in rows.items():
-            lines.append(f"{policy:<7} {direction:<14}" + "".join(f"{row[k]:>8.1f}" for k in keys))
+            lines.append(f"{policy:<7} {direction:<17}" + "".join(f"{row[k]:>8.1f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -405,6 +412,7 @@ def train_step(
         batch["frames"].to(device, non_blocking=True),
         batch["frame_mask"].to(device, non_blocking=True),
         gather=_gather(cfg) if info.world_size > 1 else None,
+        video_ids=batch["video_index"].to(device, non_blocking=True) if cfg.multi_positive else None,
     )
 
 
@@ -436,8 +444,12 @@ def check_data(cfg: argparse.Namespace, splits: list[str]) -> None:
             continue
         bad = missing_videos(source, split.video_ids)
         if bad:
-            log.warning("%s: %d missing or empty video(s) will be skipped: %s", what, len(bad),
-                        ", ".join(list(bad)[:20]))
+            log.warning(
+                "%s: %d missing or empty video(s) will be skipped: %s",
+                what,
+                len(bad),
+                ", ".join(list(bad)[:20]),
+            )
             SkipBudget(len(split.video_ids), cfg.max_skip_fraction, what).add(bad)
 
 
@@ -463,6 +475,7 @@ SCORE_KEYS = (
     "eval_block_size",
 )
 EXPERIMENT_KEYS = (
+    "multi_positive",
     "datatype",
     "msrvtt_train",
     "augment",
