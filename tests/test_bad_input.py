@@ -303,8 +303,8 @@ def test_unreadable_videos_are_named_and_bounded(unreadable_train, tmp_path):
     code, err = cli(flags(unreadable_train, out, "--skip_bad_videos", "--overwrite"))
     assert code == 2
     line = error_line(err)
-    assert re.search(r"error: train: \d+ of 16 videos are unreadable \([0-9.]+% > --max_skip_fraction 0.05\)"
-                     r"; first: video\d+", line), line
+    assert re.search(r"error: train: \d+ of 16 videos \([0-9.]+%\) are unreadable, more than "
+                     r"--max_skip_fraction 0.05 allows \(0\): video\d+", line), line
     no_results(out)
     code, err = cli(flags(unreadable_train, out, "--skip_bad_videos", "--max_skip_fraction", "1"))
     assert code == 2

@@ -321,14 +321,12 @@ class _TensorBoard:
 
 
 def check_skip_fraction(skipped_ids: set[str] | list[str], total: int, what: str, cfg) -> None:
-    """Stop once more than ``--max_skip_fraction`` of a split's videos proved unreadable."""
-    n = len(skipped_ids)
-    if total and n / total > cfg.max_skip_fraction:
-        first = ", ".join(sorted(skipped_ids)[:10])
-        raise UserError(
-            f"{what}: {n} of {total} videos are unreadable ({n / total:.1%} > --max_skip_fraction "
-            f"{cfg.max_skip_fraction:g}); first: {first}. Fix or remove them, or raise --max_skip_fraction"
-        )
+    """Stop once more than ``--max_skip_fraction`` of a split's videos proved unreadable (the rule and the
+    message are :class:`emcl.data.video.SkipBudget`'s)."""
+    if total:
+        from emcl.data.video import SkipBudget
+
+        SkipBudget(total, cfg.max_skip_fraction, what).add(sorted(skipped_ids))
 
 
 # ------------------------------------------------------------------------------------------- training
