@@ -550,3 +550,40 @@ def state_dict_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], 
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
     return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- preflight
+def _argv_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def refuse_busy_output_dir(argv: list[str]) -> None:
+    """Exit with status 2 at once when another live run holds ``--output_dir``'s lock.
+
+    Called by the entry points before their heavy imports (torch, open_clip: seconds), so a second run
+    started on a busy folder stops within a second. Only a live holder is refused here; a stale lock,
+    a free folder or an unreadable config go on to the full checks of the run loop.
+    """
+    out = _argv_value(argv, "--output_dir")
+    config = _argv_value(argv, "--config")
+    if out is None and config:
+        try:
+            import yaml
+
+            with open(config) as fh:
+                out = (yaml.safe_load(fh) or {}).get("output_dir")
+        except Exception:  # the run loop reports a bad config properly
+            return
+    if not out:
+        return
+    lock = RunLock(out)
+    rec = lock.read()
+    if rec is None or lock._stale(rec):
+        return
+    print(f"error: {lock._holder_error(rec)}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

@@ -13,6 +13,13 @@ Outputs in ``--output_dir``: ``config.yaml``, ``train.log``, ``metrics.json``, `
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a busy --output_dir stops the run before the imports below take seconds
+    from emcl.train.guards import refuse_busy_output_dir
+
+    refuse_busy_output_dir(sys.argv[1:])
+
 import argparse
 import inspect
 import logging
