@@ -50,6 +50,7 @@ from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
 from emcl.train.config import check_keys, fraction, nonneg_float, positive_float, positive_int
 from emcl.train.errors import UserError, cli_main
+from emcl.train.features import pad_rows, prefetch_to_device
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
 from emcl.train.runner import Task, check_skip_fraction, run
@@ -107,7 +108,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=(0, 1),
         help="other captions of the same video in a batch are positives, not negatives (reference: 0)",
     )
-    a("--grad_checkpointing", action="store_true")
+    a(
+        "--grad_checkpointing",
+        nargs="?",
+        const="blocks",
+        default="none",
+        choices=("none", "blocks", "attn", "mlp"),
+        help="recompute CLIP activations in the backward pass: whole blocks (the bare flag), or only their "
+        "attention or MLP parts (PERFORMANCE.md)",
+    )
+    a("--checkpoint_layers", type=positive_int, default=None, help="checkpoint only the first N blocks")
+    a("--lean_activations", type=int, default=0, choices=(0, 1), help="fewer saved activations (same math)")
+    a("--memory_budget", type=fraction, default=None, help="compiled runs: activation-memory budget (0..1)")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -118,9 +130,7 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
         clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
     else:
         clip = load_clip(cfg.clip_path)
-    if cfg.grad_checkpointing:
-        clip.set_grad_checkpointing(True)
-    return EMCLNet(
+    model = EMCLNet(
         clip,
         agg_module=cfg.agg_module,
         agg_layers=cfg.agg_layers,
@@ -134,6 +144,11 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
         em_init=cfg.em_init,
         seed=cfg.seed,
     )
+    # after the head is built: the frame transformer's copies of the text blocks are not checkpointed
+    model.clip.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", "none"), cfg.checkpoint_layers)
+    if cfg.lean_activations:
+        model.clip.set_lean_activations(True)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -240,21 +255,23 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
         workers=cfg.workers,
         distributed=False,
     )
+    # batches copied ahead on a side stream; when compiled, the last short batch is padded to one shape
+    pad = getattr(cfg, "_compiled", False)
     t_parts, t_idx = [], []
-    for b in text_loader:
+    for b in prefetch_to_device(text_loader, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["caption_index"]))
         with autocast(device, cfg.precision):
-            t_parts.append(model.encode_text(b["text_ids"].to(device), b["text_mask"].to(device)).float())
-        t_idx.append(b["caption_index"].to(device))
+            t_parts.append(model.encode_text(b["text_ids"], b["text_mask"])[:n].float())
+        t_idx.append(b["caption_index"][:n])
     f_parts, m_parts, v_idx, valid = [], [], [], []
     bar = tqdm(video_loader, desc=f"features {split.split}", disable=not info.is_main, leave=False)
-    for b in bar:
-        frames = b["frames"].to(device, non_blocking=True)
-        mask = b["frame_mask"].to(device, non_blocking=True)
+    for b in prefetch_to_device(bar, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["video_index"]))
         with autocast(device, cfg.precision):
-            f_parts.append(model.encode_video(frames, mask).float())
-        m_parts.append(mask)
-        v_idx.append(b["video_index"].to(device))
-        valid.append(b["valid"].to(device))
+            f_parts.append(model.encode_video(b["frames"], b["frame_mask"])[:n].float())
+        m_parts.append(b["frame_mask"][:n])
+        v_idx.append(b["video_index"][:n])
+        valid.append(b["valid"][:n])
     d, n_frames = model.clip.embed_dim, cfg.max_frames
 
     def cat(parts, shape, dtype):
