@@ -30,7 +30,7 @@ from emcl.clip import build_clip, load_clip, tokenize
 from emcl.data.annotations import QA_FILES, QASplit, load_ans2label, load_qa_split
 from emcl.data.datasets import Skipped, VideoDataset, collate_skip
 from emcl.data.loader import build_loader
-from emcl.data.video import VideoError, VideoSource, check_videos_exist
+from emcl.data.video import SkipBudget, VideoError, VideoSource, check_videos_exist, missing_videos
 from emcl.metrics import format_qa_table, qa_accuracy
 from emcl.train.amp import autocast
 from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
@@ -271,12 +271,20 @@ def check_data(cfg: argparse.Namespace, splits: list[str]) -> None:
             oov,
             len(vocab),
         )
-        missing = check_videos_exist(
-            source, qa.video_ids, f"msrvtt_qa/{name}", allow_missing=cfg.skip_bad_videos
-        )
-        if missing:
-            log.warning("%s: %d video(s) missing, their questions are skipped in training and count as wrong "
-                        "in evaluation: %s", qa.file, len(missing), ", ".join(missing[:10]))
+        what = f"msrvtt_qa/{name}"
+        if not cfg.skip_bad_videos:
+            check_videos_exist(source, qa.video_ids, what)
+            continue
+        bad = missing_videos(source, qa.video_ids)
+        if bad:
+            log.warning(
+                "%s: %d missing or empty video(s): their questions are skipped in training and count as "
+                "wrong in evaluation: %s",
+                what,
+                len(bad),
+                ", ".join(list(bad)[:20]),
+            )
+            SkipBudget(len(qa.video_ids), cfg.max_skip_fraction, what).add(bad)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -479,6 +487,7 @@ def evaluate(model: EMCLQA, split: str, cfg: argparse.Namespace, info: dist.Dist
     if bad:
         log.warning("%s: %d unreadable video(s); their questions count as wrong: %s", qa.file, len(bad),
                     ", ".join(bad[:20]))
+        SkipBudget(nv, cfg.max_skip_fraction, f"msrvtt_qa/{split}").add(bad)
     results.update(
         majority_baseline={
             "answer": major,

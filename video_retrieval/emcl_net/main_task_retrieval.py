@@ -13,7 +13,15 @@ Outputs in ``--output_dir``: ``config.yaml``, ``train.log``, ``metrics.json``, `
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a busy --output_dir stops the run before the imports below take seconds
+    from emcl.train.guards import refuse_busy_output_dir
+
+    refuse_busy_output_dir(sys.argv[1:])
+
 import argparse
+import inspect
 import logging
 import time
 from functools import partial
@@ -25,7 +33,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from emcl import dist
-from emcl.clip import build_clip, load_clip
+from emcl.clip import build_clip_from_config, load_clip
 from emcl.data.datasets import (
     RetrievalSplit,
     TextDataset,
@@ -36,12 +44,13 @@ from emcl.data.datasets import (
     load_split,
 )
 from emcl.data.loader import build_loader
-from emcl.data.video import VideoSource, check_videos_exist
-from emcl.metrics import DIRECTIONS, evaluate_similarity, format_table
+from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
+from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
-from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
+from emcl.train.config import check_keys, fraction, nonneg_float, positive_float, positive_int
 from emcl.train.errors import UserError, cli_main
+from emcl.train.features import pad_rows, prefetch_to_device
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
 from emcl.train.runner import Task, check_skip_fraction, run
@@ -92,7 +101,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "query: EM per text over all videos; none: no EM",
     )
     a("--eval_block_size", type=positive_int, default=32)
-    a("--grad_checkpointing", action="store_true")
+    a(
+        "--multi_positive",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="other captions of the same video in a batch are positives, not negatives (reference: 0)",
+    )
+    a(
+        "--grad_checkpointing",
+        nargs="?",
+        const="blocks",
+        default="none",
+        choices=("none", "blocks", "attn", "mlp"),
+        help="recompute CLIP activations in the backward pass: whole blocks (the bare flag), or only their "
+        "attention or MLP parts (PERFORMANCE.md)",
+    )
+    a("--checkpoint_layers", type=positive_int, default=None, help="checkpoint only the first N blocks")
+    a("--lean_activations", type=int, default=0, choices=(0, 1), help="fewer saved activations (same math)")
+    a("--memory_budget", type=fraction, default=None, help="compiled runs: activation-memory budget (0..1)")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -100,12 +127,10 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
     """CLIP (from ``clip_config`` or pretrained ``clip_path``) plus the EMCL-Net head."""
     torch.manual_seed(cfg.seed)
     if cfg.clip_config:
-        clip = build_clip(**cfg.clip_config)
+        clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
     else:
         clip = load_clip(cfg.clip_path)
-    if cfg.grad_checkpointing:
-        clip.set_grad_checkpointing(True)
-    return EMCLNet(
+    model = EMCLNet(
         clip,
         agg_module=cfg.agg_module,
         agg_layers=cfg.agg_layers,
@@ -119,6 +144,11 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
         em_init=cfg.em_init,
         seed=cfg.seed,
     )
+    # after the head is built: the frame transformer's copies of the text blocks are not checkpointed
+    model.clip.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", "none"), cfg.checkpoint_layers)
+    if cfg.lean_activations:
+        model.clip.set_lean_activations(True)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -132,10 +162,18 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     from emcl.data.cache import build_cache
     from emcl.data.synthetic import make_synthetic
 
-    syn = dict(cfg.synthetic)
+    params = inspect.signature(make_synthetic).parameters
+    syn = check_keys(
+        cfg.synthetic,
+        [*(k for k in params if k not in ("out", "format")), "out", "frame_cache"],
+        f"{cfg.config or 'config'}: synthetic",
+        required=[k for k, p in params.items() if p.default is p.empty and k != "out"],
+    )
     out = Path(syn.pop("out", "data/synthetic"))
     use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
-    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px.h5"
+    rounding = index_rounding(cfg)
+    suffix = "" if rounding == "round" else f"_{rounding}"
+    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px{suffix}.h5"
     if info.is_main:
         make_synthetic(out, format=cfg.datatype, **syn)
         if use_cache:
@@ -147,6 +185,7 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
                 size=cfg.image_size,
                 workers=min(2, cfg.workers),
                 backend=cfg.decode_backend,
+                index_rounding=rounding,
             )
     dist.barrier()
     cfg.anno_path = str(out / "annotations")
@@ -165,7 +204,13 @@ def video_source(cfg: argparse.Namespace) -> VideoSource:
         frame_cache=cfg.frame_cache,
         any_extension=cfg.datatype == "msvd",
         cache_in_memory=bool(cfg.cache_in_memory),
+        index_rounding=index_rounding(cfg),
     )
+
+
+def index_rounding(cfg: argparse.Namespace) -> str:
+    """Evenly spaced frame indices: rounded (ours) or truncated as the reference (``--faithful``)."""
+    return "floor" if cfg.faithful else "round"
 
 
 def split_options(cfg: argparse.Namespace) -> dict[str, Any]:
@@ -210,21 +255,23 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
         workers=cfg.workers,
         distributed=False,
     )
+    # batches copied ahead on a side stream; when compiled, the last short batch is padded to one shape
+    pad = getattr(cfg, "_compiled", False)
     t_parts, t_idx = [], []
-    for b in text_loader:
+    for b in prefetch_to_device(text_loader, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["caption_index"]))
         with autocast(device, cfg.precision):
-            t_parts.append(model.encode_text(b["text_ids"].to(device), b["text_mask"].to(device)).float())
-        t_idx.append(b["caption_index"].to(device))
+            t_parts.append(model.encode_text(b["text_ids"], b["text_mask"])[:n].float())
+        t_idx.append(b["caption_index"][:n])
     f_parts, m_parts, v_idx, valid = [], [], [], []
     bar = tqdm(video_loader, desc=f"features {split.split}", disable=not info.is_main, leave=False)
-    for b in bar:
-        frames = b["frames"].to(device, non_blocking=True)
-        mask = b["frame_mask"].to(device, non_blocking=True)
+    for b in prefetch_to_device(bar, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["video_index"]))
         with autocast(device, cfg.precision):
-            f_parts.append(model.encode_video(frames, mask).float())
-        m_parts.append(mask)
-        v_idx.append(b["video_index"].to(device))
-        valid.append(b["valid"].to(device))
+            f_parts.append(model.encode_video(b["frames"], b["frame_mask"])[:n].float())
+        m_parts.append(b["frame_mask"][:n])
+        v_idx.append(b["video_index"][:n])
+        valid.append(b["valid"][:n])
     d, n_frames = model.clip.embed_dim, cfg.max_frames
 
     def cat(parts, shape, dtype):
@@ -319,12 +366,12 @@ def evaluate(model: EMCLNet, split: str, cfg, info: dist.DistInfo) -> dict[str, 
 def format_results(res: dict[str, Any]) -> str:
     """The headline table, then one line per policy and direction: the policies side by side."""
     lines = [f"headline policy: {res['eval_block']} ({res['num_texts']} texts x {res['num_videos']} videos)"]
-    lines.append(format_table({k: v for k, v in res.items() if k in DIRECTIONS}))
+    lines.append(format_table({k: v for k, v in res.items() if k in (*DIRECTIONS, *CAPTION_DIRECTIONS)}))
     keys = ("R1", "R5", "R10", "R50", "MdR", "MnR")
-    lines.append(f"{'policy':<7} {'direction':<14}" + "".join(f"{k:>8}" for k in keys))
+    lines.append(f"{'policy':<7} {'direction':<17}" + "".join(f"{k:>8}" for k in keys))
     for policy, rows in res["policies"].items():
         for direction, row in rows.items():
-            lines.append(f"{policy:<7} {direction:<14}" + "".join(f"{row[k]:>8.1f}" for k in keys))
+            lines.append(f"{policy:<7} {direction:<17}" + "".join(f"{row[k]:>8.1f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -389,6 +436,7 @@ def train_step(
         batch["frames"].to(device, non_blocking=True),
         batch["frame_mask"].to(device, non_blocking=True),
         gather=_gather(cfg) if info.world_size > 1 else None,
+        video_ids=batch["video_index"].to(device, non_blocking=True) if cfg.multi_positive else None,
     )
 
 
@@ -407,11 +455,26 @@ def after_step(model: EMCLNet) -> None:
 
 
 def check_data(cfg: argparse.Namespace, splits: list[str]) -> None:
-    """Before the first step: parse every split the run uses and stat each of its videos."""
+    """Before the first step: parse every split the run uses and stat each of its videos.
+
+    A missing or empty video is an error; with ``--skip_bad_videos`` up to ``--max_skip_fraction`` of a
+    split's videos may be missing (logged; they are skipped like unreadable ones)."""
     source = video_source(cfg)
     for name in splits:
         split = get_split(cfg, name)
-        check_videos_exist(source, split.video_ids, f"{split.datatype}/{name}")
+        what = f"{split.datatype}/{name}"
+        if not cfg.skip_bad_videos:
+            check_videos_exist(source, split.video_ids, what)
+            continue
+        bad = missing_videos(source, split.video_ids)
+        if bad:
+            log.warning(
+                "%s: %d missing or empty video(s) will be skipped: %s",
+                what,
+                len(bad),
+                ", ".join(list(bad)[:20]),
+            )
+            SkipBudget(len(split.video_ids), cfg.max_skip_fraction, what).add(bad)
 
 
 def compile_targets(model: EMCLNet) -> list[torch.nn.Module]:
@@ -436,6 +499,7 @@ SCORE_KEYS = (
     "eval_block_size",
 )
 EXPERIMENT_KEYS = (
+    "multi_positive",
     "datatype",
     "msrvtt_train",
     "augment",
