@@ -30,7 +30,7 @@ from emcl.clip import build_clip, load_clip, tokenize
 from emcl.data.annotations import QA_FILES, QASplit, load_ans2label, load_qa_split
 from emcl.data.datasets import Skipped, VideoDataset, collate_skip
 from emcl.data.loader import build_loader
-from emcl.data.video import SkipBudget, VideoError, VideoSource, check_videos_exist, missing_videos
+from emcl.data.video import SkipBudget, VideoError, check_videos_exist, missing_videos
 from emcl.metrics import format_qa_table, qa_accuracy
 from emcl.train.amp import autocast
 from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
@@ -38,6 +38,7 @@ from emcl.train.errors import UserError, cli_main
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
 from emcl.train.runner import Task, run
+from emcl.train.sources import prepare_synthetic, video_source
 
 from .model import EMCLQA
 
@@ -96,48 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     """Generate the synthetic QA set (and its frame cache) on first use when the config asks for it and no
     data was given on the command line."""
-    if cfg.anno_path is not None or not cfg.synthetic:
-        if cfg.anno_path is None:
-            raise UserError("--anno_path is required (or use a config with a synthetic dataset)")
-        if cfg.video_path is None and cfg.frame_cache is None:
-            raise UserError("--video_path (or --frame_cache) is required")
-        return
-    from emcl.data.cache import build_cache
-    from emcl.data.synthetic import make_synthetic
-
-    syn = dict(cfg.synthetic)
-    out = Path(syn.pop("out", "data/synthetic_qa"))
-    use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
-    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px.h5"
-    if info.is_main:
-        make_synthetic(out, format="msrvtt_qa", **syn)
-        if use_cache:
-            build_cache(
-                out / "videos",
-                cache,
-                max_frames=cfg.max_frames,
-                framerate=cfg.video_framerate,
-                size=cfg.image_size,
-                workers=min(2, cfg.workers),
-                backend=cfg.decode_backend,
-            )
-    dist.barrier()
-    cfg.anno_path = str(out / "annotations")
-    cfg.video_path = str(out / "videos")
-    if use_cache:
-        cfg.frame_cache = str(cache)
-
-
-def video_source(cfg: argparse.Namespace) -> VideoSource:
-    return VideoSource(
-        cfg.video_path,
-        framerate=cfg.video_framerate,
-        max_frames=cfg.max_frames,
-        size=cfg.image_size,
-        backend=cfg.decode_backend,
-        frame_cache=cfg.frame_cache,
-        cache_in_memory=bool(cfg.cache_in_memory),
-    )
+    prepare_synthetic(cfg, info, format="msrvtt_qa", default_out="data/synthetic_qa")
+    if cfg.video_path is None and cfg.frame_cache is None:
+        raise UserError("--video_path (or --frame_cache) is required")
 
 
 def _user_error(fn, *args):

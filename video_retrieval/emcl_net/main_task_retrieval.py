@@ -21,11 +21,9 @@ if __name__ == "__main__":  # a busy --output_dir stops the run before the impor
     refuse_busy_output_dir(sys.argv[1:])
 
 import argparse
-import inspect
 import logging
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,12 +46,14 @@ from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing
 from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
-from emcl.train.config import check_keys, fraction, nonneg_float, positive_float, positive_int
+from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
 from emcl.train.errors import UserError, cli_main
 from emcl.train.features import pad_rows, prefetch_to_device
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
 from emcl.train.runner import Task, check_skip_fraction, run
+from emcl.train.sources import prepare_synthetic
+from emcl.train.sources import video_source as _video_source
 
 from .model import EMCLNet, emcl_scores
 
@@ -155,62 +155,11 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
 def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     """Generate the synthetic dataset (and its frame cache) on first use when the config asks for it
     and no data was given on the command line."""
-    if cfg.anno_path is not None or not cfg.synthetic:
-        if cfg.anno_path is None:
-            raise UserError("--anno_path is required (or use a config with a synthetic dataset)")
-        return
-    from emcl.data.cache import build_cache
-    from emcl.data.synthetic import make_synthetic
-
-    params = inspect.signature(make_synthetic).parameters
-    syn = check_keys(
-        cfg.synthetic,
-        [*(k for k in params if k not in ("out", "format")), "out", "frame_cache"],
-        f"{cfg.config or 'config'}: synthetic",
-        required=[k for k, p in params.items() if p.default is p.empty and k != "out"],
-    )
-    out = Path(syn.pop("out", "data/synthetic"))
-    use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
-    rounding = index_rounding(cfg)
-    suffix = "" if rounding == "round" else f"_{rounding}"
-    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px{suffix}.h5"
-    if info.is_main:
-        make_synthetic(out, format=cfg.datatype, **syn)
-        if use_cache:
-            build_cache(
-                out / "videos",
-                cache,
-                max_frames=cfg.max_frames,
-                framerate=cfg.video_framerate,
-                size=cfg.image_size,
-                workers=min(2, cfg.workers),
-                backend=cfg.decode_backend,
-                index_rounding=rounding,
-            )
-    dist.barrier()
-    cfg.anno_path = str(out / "annotations")
-    cfg.video_path = str(out / "videos")
-    if use_cache:
-        cfg.frame_cache = str(cache)
+    prepare_synthetic(cfg, info, format=cfg.datatype, default_out="data/synthetic")
 
 
 def video_source(cfg: argparse.Namespace) -> VideoSource:
-    return VideoSource(
-        cfg.video_path,
-        framerate=cfg.video_framerate,
-        max_frames=cfg.max_frames,
-        size=cfg.image_size,
-        backend=cfg.decode_backend,
-        frame_cache=cfg.frame_cache,
-        any_extension=cfg.datatype == "msvd",
-        cache_in_memory=bool(cfg.cache_in_memory),
-        index_rounding=index_rounding(cfg),
-    )
-
-
-def index_rounding(cfg: argparse.Namespace) -> str:
-    """Evenly spaced frame indices: rounded (ours) or truncated as the reference (``--faithful``)."""
-    return "floor" if cfg.faithful else "round"
+    return _video_source(cfg, any_extension=cfg.datatype == "msvd")
 
 
 def split_options(cfg: argparse.Namespace) -> dict[str, Any]:
