@@ -608,3 +608,74 @@ def test_extract_frames_script(tmp_path):
         )
         == 0
     )  # rerun: skipped, still fine
+
+
+# ------------------------------------------------------------------ our own EMCL-Net checkpoints
+def test_emcl_net_checkpoint_source(tmp_path):
+    import argparse
+
+    import yaml
+
+    from emcl import dist
+    from emcl.data.synthetic import make_synthetic
+    from emcl.metrics import evaluate_similarity
+    from video_retrieval.emcl_net import main_task_retrieval as retrieval
+    from video_retrieval.emcl_net.model import emcl_scores
+
+    data = tmp_path / "syn"
+    make_synthetic(data, 14, seed=3, format="msvd", split_sizes=(4, 2, 8), frames=8, fps=4, size=32)
+    config = yaml.safe_load((REPO / "configs" / "synthetic.yaml").read_text())
+    config.pop("synthetic")
+    config.update(anno_path=str(data / "annotations"), video_path=str(data / "videos"), frame_cache=None,
+                  max_frames=4, use_emcl=0, clip_path=None, grad_checkpointing=False, msrvtt_train="9k",
+                  msrvtt_test="1k", decode_backend="pyav", cache_in_memory=0, skip_bad_videos=False,
+                  precision="fp32", workers=0, batch_size_val=16, em_init="upstream")  # fmt: skip
+    cfg = argparse.Namespace(**config)
+    model = retrieval.build_model(cfg).eval()
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "checkpoint_best.pt")
+    out = tmp_path / "out"
+    args = [
+        "--emcl_net_checkpoint",
+        str(tmp_path / "checkpoint_best.pt"),
+        "--output_dir",
+        str(out),
+        "--eval_block_size",
+        "4",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--v2t_candidates",
+        "captions",
+    ]
+    res = inference.main(args)
+    assert res["source"]["source"] == "emcl_net" and res["source"]["trained_with_emcl"] is False
+    # without EMCL it is the model's own (text-conditioned) scoring of the test split
+    info = dist.DistInfo(0, 1, 0, torch.device("cpu"), True)
+    split = retrieval.get_split(cfg, "test")
+    t, f, m, _ = retrieval.extract_features(model, split, cfg, info)
+    want = evaluate_similarity(emcl_scores(t, f, m, None, cfg.temp), torch.tensor(split.caption_video))
+    assert res["without_emcl"]["t2v"] == want["t2v"] and res["without_emcl"]["v2t"] == want["v2t"]
+    assert res["num_videos"] == 8 and res["num_texts"] == len(split.captions) > 8
+    pooled = inference.main([*args, "--frame_pooling", "mean", "--output_dir", str(tmp_path / "mean")])
+    assert pooled["source"]["frame_pooling"].startswith("mean")
+
+
+def test_clip2video_under_torchrun_matches_one_process(clip2video_case, tmp_path):
+    """Two gloo ranks share the videos, texts and score rows; the embeddings come back in dataset order.
+
+    Compared at the embedding level: the random tiny model's scores hold near-ties that batch-size
+    dependent round-off (batches of 2-3 per rank instead of 4) may flip."""
+    root, _, _ = clip2video_case
+    inference.main(_c2v_args(root, tmp_path / "one", "--save_embeddings", "1"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "video_retrieval.inference_module.main_task_inference",
+           *_c2v_args(root, tmp_path / "two", "--save_embeddings", "1")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert set(two["with_emcl"]) == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}
+    for name in ("text_emb", "video_emb", "tab_text_emb", "tab_video_emb"):
+        a, b = np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "two" / f"{name}.npy")
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

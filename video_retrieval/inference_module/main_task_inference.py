@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     emb = get_embeddings(cfg, info)
     log.info(
-        "%s: %d texts x %d videos, %s embeddings on %s",
+        "%s: %d texts x %d videos, %s video vectors, on %s",
         emb.info.get("source"),
         emb.num_texts,
         emb.num_videos,
