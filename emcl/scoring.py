@@ -123,6 +123,15 @@ def score_matrix(
     return torch.cat(rows) if rows else t.new_empty(0, f.shape[0], dtype=torch.float32)
 
 
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Broadcast shape of two leading shapes (``torch.broadcast_shapes`` imports torch._refs: 2-4 s)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        raise ValueError(f"leading shapes {a} and {b} do not broadcast")
+    return tuple(max(x, y) if 1 in (x, y) else x for x, y in zip(a, b))
+
+
 def pooled_emcl_scores(
     t: torch.Tensor,
     v: torch.Tensor,
@@ -143,7 +152,7 @@ def pooled_emcl_scores(
     """
     if mask is not None:
         raise ValueError("pooled video vectors take no frame mask (pass mask=None)")
-    lead = torch.broadcast_shapes(t.shape[:-2], v.shape[:-2])
+    lead = _broadcast(tuple(t.shape[:-2]), tuple(v.shape[:-2]))
     a, b, d = t.shape[-2], v.shape[-2], t.shape[-1]
     x = torch.cat([v.expand(*lead, b, d), t.expand(*lead, a, d)], dim=-2)
     if mu is not None:
