@@ -612,8 +612,6 @@ def test_extract_frames_script(tmp_path):
 
 # ------------------------------------------------------------------ our own EMCL-Net checkpoints
 def test_emcl_net_checkpoint_source(tmp_path):
-    import argparse
-
     import yaml
 
     from emcl import dist
@@ -621,6 +619,7 @@ def test_emcl_net_checkpoint_source(tmp_path):
     from emcl.metrics import evaluate_similarity
     from video_retrieval.emcl_net import main_task_retrieval as retrieval
     from video_retrieval.emcl_net.model import emcl_scores
+    from video_retrieval.inference_module.embeddings import emcl_net_config
 
     data = tmp_path / "syn"
     make_synthetic(data, 14, seed=3, format="msvd", split_sizes=(4, 2, 8), frames=8, fps=4, size=32)
@@ -630,7 +629,7 @@ def test_emcl_net_checkpoint_source(tmp_path):
                   max_frames=4, use_emcl=0, clip_path=None, grad_checkpointing=False, msrvtt_train="9k",
                   msrvtt_test="1k", decode_backend="pyav", cache_in_memory=0, skip_bad_videos=False,
                   precision="fp32", workers=0, batch_size_val=16, em_init="upstream")  # fmt: skip
-    cfg = argparse.Namespace(**config)
+    cfg = emcl_net_config(config)
     model = retrieval.build_model(cfg).eval()
     torch.save({"model": model.state_dict(), "config": config}, tmp_path / "checkpoint_best.pt")
     out = tmp_path / "out"
@@ -645,8 +644,6 @@ def test_emcl_net_checkpoint_source(tmp_path):
         "0",
         "--device",
         "cpu",
-        "--v2t_candidates",
-        "captions",
     ]
     res = inference.main(args)
     assert res["source"]["source"] == "emcl_net" and res["source"]["trained_with_emcl"] is False

@@ -436,6 +436,27 @@ def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     return _drop_invalid(emb, okt, split.video_ids)
 
 
+# Settings that change speed or memory, never the scores: today's defaults, not the checkpoint's.
+_SPEED_KEYS = ("grad_checkpointing", "checkpoint_layers", "lean_activations", "memory_budget", "compile")
+
+
+def emcl_net_config(saved: dict[str, Any]) -> argparse.Namespace:
+    """An EMCL-Net run configuration: the trainer's current flag defaults, overlaid with a checkpoint's
+    saved settings (so checkpoints written before a flag existed still load); speed-only settings keep
+    the defaults."""
+    from emcl.train.runner import build_parser
+    from video_retrieval.emcl_net import main_task_retrieval as retrieval
+
+    parser = build_parser(retrieval.TASK)
+    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    defaults.update({k: None for k in retrieval.TASK.extra_config_keys})
+    cfg = argparse.Namespace(**{**defaults, **saved})
+    for key in _SPEED_KEYS:
+        if key in defaults:
+            setattr(cfg, key, defaults[key])
+    return cfg
+
+
 @torch.no_grad()
 def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     """Encode a split with an EMCL-Net checkpoint of ours (its own data settings unless overridden)."""
@@ -448,7 +469,7 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
         raise UserError(str(error)) from error
     if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
         raise UserError(f"{cfg.emcl_net_checkpoint}: not an EMCL-Net checkpoint (needs 'model' and 'config')")
-    ncfg = argparse.Namespace(**ck["config"])
+    ncfg = emcl_net_config(ck["config"])
     for key in ("anno_path", "video_path", "frame_cache", "datatype", "msrvtt_test"):  # data may have moved
         if getattr(cfg, key, None) and key in cfg.explicit:
             setattr(ncfg, key, getattr(cfg, key))
@@ -456,7 +477,6 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     ncfg.workers = cfg.workers
     ncfg.skip_bad_videos = cfg.skip_bad_videos
     ncfg.precision = cfg.precision
-    ncfg.grad_checkpointing = False
     model = retrieval.build_model(ncfg)
     model.load_state_dict(ck["model"])
     model.to(info.device).eval()
