@@ -266,7 +266,10 @@ def save_embeddings(emb: Embeddings, out: Path) -> list[str]:
     """The embeddings as .npy files in ``out`` (atomic), ready for ``--text_emb/--video_emb`` runs."""
     import io
 
-    files = {"text_emb.npy": emb.text, "video_emb.npy": emb.video, "caption_video.npy": emb.caption_video}
+    video = emb.video
+    if emb.frame_mask is not None:  # padded frames saved as zeros: the per-frame file convention
+        video = video * emb.frame_mask[..., None].to(video.dtype)
+    files = {"text_emb.npy": emb.text, "video_emb.npy": video, "caption_video.npy": emb.caption_video}
     if emb.frame_mask is not None:
         files["frame_mask.npy"] = emb.frame_mask
     if emb.tab_text is not None:
