@@ -519,12 +519,12 @@ def test_cli_per_frame_embeddings_and_sweep(tmp_path):
     )
     rows = (out / "sweep.csv").read_text().strip().splitlines()
     assert (
-        len(rows) == 1 + 1 + 2 + 1 + 2 + 2 + 2 * 3 + 1
+        len(rows) == 1 + 1 + 2 + 1 + 2 + 2 + 2 * 4 + 1
     )  # header, baseline, K, T, lamd, beta, seeds, linspace
     beta0 = [r for r in rows[1:] if r.startswith("beta,") and ",0.0000," in r]
     assert beta0 and beta0[0].split(",")[8] == rows[1].split(",")[8]  # beta 0 == no EMCL (t2v R@1)
     assert (out / "sweep.png").stat().st_size > 10_000
-    assert res["sweep"]["seeds_upstream"]["n"] == 3
+    assert res["sweep"]["seeds_upstream"]["n"] == 4  # seeds 0, 1, 2 and the run's 42
     text = inference.main(
         [
             "--text_emb",

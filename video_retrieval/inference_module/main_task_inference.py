@@ -190,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep", action="store_true", help="also sweep K, T, lambda, beta and mu seeds")
     for key, default in SWEEP_DEFAULTS.items():
         g.add_argument(f"--sweep_{key}", default=default, help=f"comma-separated {key} values")
-    g.add_argument("--sweep_seeds", type=int, default=32, help="mu seeds 0..N-1 (upstream and gaussian init)")
+    g.add_argument(
+        "--sweep_seeds",
+        type=int,
+        default=32,
+        help="mu seeds 0..N-1 and the run's --seed (upstream, gaussian)",
+    )
     return p
 
 
@@ -415,8 +420,11 @@ def sweep_settings(cfg: argparse.Namespace, base: EMSettings) -> list[tuple[str,
         runs.append(("lamd", replace(base, lamd=lam)))
     for b in _floats(cfg.sweep_beta, "beta"):
         runs.append(("beta", replace(base, beta=b)))
+    seeds = list(range(cfg.sweep_seeds))
+    if cfg.sweep_seeds and base.seed not in seeds:  # the run's own draw, marked in the plot
+        seeds.append(base.seed)
     for init in ("upstream", "gaussian"):
-        for s in range(cfg.sweep_seeds):
+        for s in seeds:
             runs.append((f"seed_{init}", replace(base, init=init, seed=s)))
     runs.append(("init_linspace", replace(base, init="linspace")))
     return runs
