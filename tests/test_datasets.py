@@ -348,7 +348,8 @@ def test_bad_video_raises_or_is_skipped(synth, tmp_path: Path, caplog) -> None:
     batch = collate_skip([train[0], item, train[2]])
     assert batch["num_skipped"] == 1 and batch["skipped_ids"] == [bad]
     assert batch["frames"].shape[0] == 2 and batch["caption_index"].tolist() == [0, 2]
-    assert collate_skip([item, None]) == {"num_skipped": 2, "skipped_ids": [bad]}
+    empty = {"empty": True, "num_skipped": 2, "skipped_ids": [bad], "batch_size": 0}
+    assert collate_skip([item, None]) == empty
 
     loader = build_loader(train, batch_size=len(train), shuffle=False, seed=0, workers=0)
     batch = next(iter(loader))

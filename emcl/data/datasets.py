@@ -72,6 +72,11 @@ class TrainDataset(Dataset):
         self.seed = int(seed)
         self.text_ids, self.text_mask = tokenize_split(split, max_words)
 
+    @property
+    def num_videos(self) -> int:
+        """Videos behind the captions (the base of ``--max_skip_fraction``)."""
+        return len(self.split.video_ids)
+
     def __len__(self) -> int:
         return len(self.split.captions)
 
@@ -158,11 +163,13 @@ def collate_skip(batch: Sequence[dict | Skipped | None]) -> dict:
     """Collate a batch, dropping skipped items.
 
     Adds ``num_skipped`` (int) and ``skipped_ids`` (video ids of the dropped items; a plain ``None`` item
-    counts but has no id). If every item was skipped the result holds only those two keys.
+    counts but has no id) and ``batch_size`` (items kept). If every item was skipped the result holds
+    only those keys and ``empty: True``, which the run loop skips.
     """
     kept = [b for b in batch if b is not None and not isinstance(b, Skipped)]
     skipped_ids = [b.video_id for b in batch if isinstance(b, Skipped)]
-    out = dict(default_collate(kept)) if kept else {}
+    out = dict(default_collate(kept)) if kept else {"empty": True}
     out["num_skipped"] = len(batch) - len(kept)
     out["skipped_ids"] = skipped_ids
+    out["batch_size"] = len(kept)
     return out

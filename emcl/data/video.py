@@ -5,7 +5,7 @@ One clip = ``max_frames`` RGB frames of ``size``x``size`` (uint8) plus a mask, s
 1. decode at ``framerate`` fps: keep every ``stride``-th native frame, ``stride = round(native_fps /
    framerate)`` (round half up, at least 1), optionally only inside a ``[start, end]`` window in seconds;
 2. if more than ``max_frames`` positions remain, keep ``max_frames`` evenly spaced ones (``np.linspace``
-   over the positions, rounded);
+   over the positions, rounded to the nearest; ``index_rounding="floor"`` truncates as the reference);
 3. resize the short side to ``size`` (bicubic with antialiasing, the same numbers as CLIP's PIL
    preprocessing), center crop ``size``x``size``;
 4. pad with zero frames and mask 0 up to ``max_frames``.
@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("pyav", "opencv")
 DEFAULT_BACKEND = "pyav"
+
+#: How evenly spaced positions become indices: "round" (nearest, ours) or "floor" (the reference's
+#: ``np.linspace(..., dtype=int)``, which truncates; ``--faithful``).
+INDEX_ROUNDINGS = ("round", "floor")
+DEFAULT_INDEX_ROUNDING = "round"
 
 #: File name endings treated as videos when folders are scanned (lower case, with the dot).
 VIDEO_EXTENSIONS = frozenset(
@@ -93,15 +98,25 @@ def window_bounds(num_frames: int, native_fps: float, start: float | None = None
     return first, last
 
 
+def _check_rounding(rounding: str) -> None:
+    if rounding not in INDEX_ROUNDINGS:
+        raise ValueError(f"index rounding must be one of {INDEX_ROUNDINGS}, got {rounding!r}")
+
+
 def sample_indices(num_frames: int, native_fps: float, framerate: float, max_frames: int,
-                   start: float | None = None, end: float | None = None) -> np.ndarray:
+                   start: float | None = None, end: float | None = None,
+                   rounding: str = DEFAULT_INDEX_ROUNDING) -> np.ndarray:
     """Native frame indices to keep for one clip (both backends use this; SPEC §3).
 
     Positions ``first, first + stride, ...`` up to ``last`` (the ``[start, end]`` window in seconds, or
     the whole video); if more than ``max_frames`` remain, ``max_frames`` evenly spaced ones
-    (``np.linspace`` over the positions, rounded). Returns int64 indices, strictly increasing, at most
-    ``max_frames`` of them. Raises ``ValueError`` for bad arguments or a window holding no frame.
+    (``np.linspace`` over the positions). ``rounding``: ``"round"`` (default) takes the nearest
+    position, ``"floor"`` truncates as the reference does (its ``np.linspace(..., dtype=int)``); e.g. 12
+    of 20 positions: round picks 0,2,3,5,7,9,10,12,14,16,17,19, floor 0,1,3,5,6,8,10,12,13,15,17,19.
+    Returns int64 indices, strictly increasing, at most ``max_frames`` of them. Raises ``ValueError``
+    for bad arguments or a window holding no frame.
     """
+    _check_rounding(rounding)
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if max_frames <= 0:
@@ -117,7 +132,8 @@ def sample_indices(num_frames: int, native_fps: float, framerate: float, max_fra
         )
     positions = np.arange(first, last + 1, stride, dtype=np.int64)
     if len(positions) > max_frames:
-        pick = np.round(np.linspace(0, len(positions) - 1, max_frames)).astype(np.int64)
+        spaced = np.linspace(0, len(positions) - 1, max_frames)
+        pick = (np.round(spaced) if rounding == "round" else np.floor(spaced)).astype(np.int64)
         positions = positions[pick]
     return positions
 
@@ -234,7 +250,7 @@ class _PyAVReader(_Reader):
     def _open(self) -> Any:
         av = self._av
         try:
-            container = av.open(self.path, metadata_errors="ignore")
+            container = _av_open(av, self.path)
         except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
             raise self.error(f"unreadable or corrupt file ({type(e).__name__}: {e})") from None
         if not container.streams.video:
@@ -291,6 +307,23 @@ class _PyAVReader(_Reader):
                 return
             log.debug("%s: seek to frame %d unusable, decoding from the start", self.path, first)
             seek = False
+
+
+def _av_open(av: Any, path: str) -> Any:
+    """``av.open(path)`` for reading, tolerant of undecodable metadata on every PyAV version.
+
+    PyAV <= 18 decodes container metadata strictly unless ``metadata_errors="ignore"`` is passed (a file
+    with a Latin-1 title would otherwise be unreadable); PyAV >= 19 (the version Python >= 3.12 gets)
+    removed that argument and raises ``TypeError`` for it. Try the argument first and open without it
+    when this PyAV does not know it; a metadata ``UnicodeDecodeError`` there is reported as an unreadable
+    file by the caller.
+    """
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except TypeError as e:
+        if "metadata_errors" not in str(e):
+            raise
+    return av.open(path)
 
 
 def _pyav_getter(frame: Any) -> FrameGetter:
@@ -397,13 +430,14 @@ def _collect(reader: _Reader, wanted: Iterable[int], size: int, stop_at_last: bo
 
 
 def _sample_frames(reader: _Reader, framerate: float, max_frames: int, size: int,
-                   start: float | None, end: float | None) -> list[np.ndarray]:
+                   start: float | None, end: float | None,
+                   rounding: str = DEFAULT_INDEX_ROUNDING) -> list[np.ndarray]:
     fps = reader.fps
     estimate = reader.header_frames or reader.count_frames()
     if estimate <= 0:
         raise reader.error("no frames: the container holds no video packets")
     try:
-        indices = sample_indices(estimate, fps, framerate, max_frames, start, end)
+        indices = sample_indices(estimate, fps, framerate, max_frames, start, end, rounding)
     except ValueError as e:
         raise reader.error(str(e)) from None
     # Positions depend on the true frame count only when the window reaches the end of the video; then
@@ -421,7 +455,7 @@ def _sample_frames(reader: _Reader, framerate: float, max_frames: int, size: int
             log.warning("%s: decoded %d frames, the container claims %d; sampling from the decoded count",
                         reader.path, count, estimate)
             try:
-                indices = sample_indices(count, fps, framerate, max_frames, start, end)
+                indices = sample_indices(count, fps, framerate, max_frames, start, end, rounding)
             except ValueError as e:
                 raise reader.error(str(e)) from None
             missing = [i for i in indices if i not in have]
@@ -438,11 +472,13 @@ def _sample_frames(reader: _Reader, framerate: float, max_frames: int, size: int
 
 def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: int, size: int,
                 backend: str = DEFAULT_BACKEND, start: float | None = None, end: float | None = None,
-                video_id: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                video_id: str | None = None,
+                index_rounding: str = DEFAULT_INDEX_ROUNDING) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one clip: frames uint8 (max_frames, 3, size, size) and mask LongTensor (max_frames,).
 
     Sampling follows :func:`sample_indices` (``framerate`` fps, optional ``[start, end]`` window in
-    seconds, ``max_frames`` evenly spaced); frames are RGB, short side resized to ``size`` (bicubic,
+    seconds, ``max_frames`` evenly spaced, ``index_rounding`` "round" or "floor" as the reference); frames
+    are RGB, short side resized to ``size`` (bicubic,
     antialiased, as CLIP's PIL preprocessing) and center cropped. Real frames come first with mask 1,
     zero padding after them with mask 0.
 
@@ -463,6 +499,7 @@ def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: i
     vid = video_id if video_id is not None else os.path.splitext(os.path.basename(path))[0]
     if backend not in _READERS:
         raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    _check_rounding(index_rounding)
     if max_frames <= 0 or size <= 0 or not framerate > 0:
         raise ValueError(f"max_frames, size and framerate must be positive (got {max_frames}, {size}, "
                          f"{framerate})")
@@ -473,7 +510,7 @@ def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: i
     if os.path.getsize(path) == 0:
         raise VideoError("empty file (0 bytes)", path=path, video_id=vid)
     reader = _READERS[backend](path, vid)
-    kept = _sample_frames(reader, framerate, max_frames, size, start, end)
+    kept = _sample_frames(reader, framerate, max_frames, size, start, end, index_rounding)
     frames = np.zeros((max_frames, 3, size, size), dtype=np.uint8)
     for i, frame in enumerate(kept):
         frames[i] = frame
@@ -506,15 +543,19 @@ class VideoSource:
 
     ``load(video_id, start=None, end=None) -> (frames, mask)``. Without a cache the file is
     ``{video_path}/{video_id}.mp4``, or with ``any_extension=True`` any video whose stem (or file name) is
-    the id, found by walking the folder once (MSVD). Picklable for DataLoader workers: the cache's HDF5
+    the id, found by walking the folder once (MSVD). ``index_rounding``: ``"round"`` (default) or
+    ``"floor"`` (the reference's truncation, set under ``--faithful``), see :func:`sample_indices`; a
+    frame cache must have been built with the same. Picklable for DataLoader workers: the cache's HDF5
     file is opened lazily in each process.
     """
 
     def __init__(self, video_path: str | None, *, framerate: float, max_frames: int, size: int,
                  backend: str = DEFAULT_BACKEND, frame_cache: str | None = None,
-                 any_extension: bool = False, cache_in_memory: bool = False) -> None:
+                 any_extension: bool = False, cache_in_memory: bool = False,
+                 index_rounding: str = DEFAULT_INDEX_ROUNDING) -> None:
         if backend not in _READERS:
             raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+        _check_rounding(index_rounding)
         if video_path is None and frame_cache is None:
             raise ValueError("VideoSource needs a video_path or a frame_cache")
         self.video_path = None if video_path is None else os.fspath(video_path)
@@ -522,6 +563,7 @@ class VideoSource:
         self.max_frames = max_frames
         self.size = size
         self.backend = backend
+        self.index_rounding = index_rounding
         self.any_extension = any_extension
         self._index: dict[str, list[str]] | None = None
         self.cache = None
@@ -529,7 +571,8 @@ class VideoSource:
             from emcl.data.cache import FrameCache
 
             self.cache = FrameCache(frame_cache, in_memory=cache_in_memory)
-            self.cache.check_settings(max_frames=max_frames, framerate=framerate, size=size)
+            self.cache.check_settings(max_frames=max_frames, framerate=framerate, size=size,
+                                      index_rounding=index_rounding)
 
     def path_for(self, video_id: str) -> str:
         """The file that holds ``video_id`` (raises :class:`VideoError` if there is none or several)."""
@@ -558,9 +601,10 @@ class VideoSource:
         if self.cache is not None:
             return self.cache.get(video_id, start=start, end=end)
         return read_frames(self.path_for(video_id), framerate=self.framerate, max_frames=self.max_frames,
-                           size=self.size, backend=self.backend, start=start, end=end, video_id=video_id)
+                           size=self.size, backend=self.backend, start=start, end=end, video_id=video_id,
+                           index_rounding=self.index_rounding)
 
     def __repr__(self) -> str:
         where = f"frame_cache={self.cache.path!r}" if self.cache is not None else f"{self.video_path!r}"
         return (f"VideoSource({where}, framerate={self.framerate}, max_frames={self.max_frames}, "
-                f"size={self.size}, backend={self.backend!r})")
+                f"size={self.size}, backend={self.backend!r}, index_rounding={self.index_rounding!r})")
