@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 EvalBlock = Literal["paper", "query", "none"]
+EVAL_POLICIES: tuple[EvalBlock, ...] = ("paper", "query", "none")
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 

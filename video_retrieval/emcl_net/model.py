@@ -97,7 +97,7 @@ def pair_video_vectors(t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, tem
 
 
 def mean_video_vectors(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CLIP4Clip's ``meanP``: the masked mean of L2-normalised frame features, (..., B, T, D) -> (..., B, D)."""
+    """CLIP4Clip's ``meanP``: masked mean of L2-normalised frames, (..., B, T, D) -> (..., B, D)."""
     m = mask.to(f.dtype).unsqueeze(-1)
     return (F.normalize(f, dim=-1) * m).sum(dim=-2) / m.sum(dim=-2).clamp(min=1.0)
 

@@ -101,7 +101,7 @@ def _bert_init(m: nn.Module) -> None:
 
 
 def pair_scores(t: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``S_ab = sum_m w_a^m <t_a^m, v_b^m>``: t (..., A, M, D), w (..., A, M), v (..., B, M, D) -> (..., A, B)"""
+    """``S_ab = sum_m w_a^m <t_a^m, v_b^m>``; t (..., A, M, D), w (..., A, M), v (..., B, M, D)."""
     return torch.einsum("...amd,...bmd,...am->...ab", t, v, w)
 
 
