@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 
@@ -39,6 +38,8 @@ def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically."""
+    import torch  # here, so that the JSON/YAML writers (and the run lock) load without torch
+
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 

@@ -377,7 +377,137 @@ def test_flags_are_range_checked_and_not_abbreviated(argv, expected, capsys):
 
 def test_shipped_configs_pass_validation():
     from emcl.train.config import parse_args
-    from video_retrieval.emcl_net.main_task_retrieval import EXTRA_KEYS, build_parser
+    from emcl.train.runner import build_parser
+    from video_retrieval.emcl_net.main_task_retrieval import TASK
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        parse_args(build_parser(), ["--config", str(path)], EXTRA_KEYS)
+        parse_args(build_parser(TASK), ["--config", str(path)], TASK.extra_config_keys)
+
+
+# -------------------------------------------------------------------------------------------- clip_config
+TINY_CLIP = {"embed_dim": 16, "image_size": 16, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
+             "vision_heads": 2, "text_width": 32, "text_layers": 1, "text_heads": 2}
+
+
+def test_clip_config_typo_names_the_key_and_the_allowed_ones():
+    from emcl.clip import build_clip_from_config, check_clip_config
+
+    assert check_clip_config(TINY_CLIP) == TINY_CLIP
+    bad = {**TINY_CLIP, "vision_widht": 32}
+    with pytest.raises(UserError) as e:
+        check_clip_config(bad, "configs/x.yaml: clip_config")
+    msg = str(e.value)
+    assert msg.startswith("configs/x.yaml: clip_config: unknown key(s) 'vision_widht'")
+    assert "did you mean 'vision_width'?" in msg and "allowed keys: embed_dim, image_size" in msg
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(UserError, match="missing required key\\(s\\) text_layers"):
+        check_clip_config({k: v for k, v in TINY_CLIP.items() if k != "text_layers"})
+    with pytest.raises(UserError, match="vision_layers: expected a positive integer, got 1.5"):
+        check_clip_config({**TINY_CLIP, "vision_layers": 1.5})
+    with pytest.raises(UserError, match="quick_gelu: expected true or false"):
+        check_clip_config({**TINY_CLIP, "quick_gelu": "yes"})
+    with pytest.raises(UserError, match="clip_config: expected a mapping"):
+        check_clip_config([1, 2])
+    with pytest.raises(UserError, match="clip_config: vision width 32 is not divisible by vision heads 3"):
+        build_clip_from_config({**TINY_CLIP, "vision_heads": 3})
+    assert build_clip_from_config(TINY_CLIP).config["vision_width"] == 32
+
+
+# ------------------------------------------------------------------------------------------ video checks
+def test_check_videos_exist_is_a_stat(tmp_path):
+    from emcl.data.video import VideoSource, check_videos_exist, missing_videos
+
+    vdir = tmp_path / "videos"
+    vdir.mkdir()
+    for i in range(8):
+        (vdir / f"v{i}.mp4").write_bytes(b"not decoded, only stat'ed")
+    check_videos_exist(vdir, [f"v{i}" for i in range(8)], "msrvtt/test")
+    (vdir / "v3.mp4").unlink()
+    (vdir / "v5.mp4").write_bytes(b"")
+    (vdir / "v6.mp4").unlink()
+    (vdir / "v6.mp4").mkdir()
+    ids = [f"v{i}" for i in range(8)]
+    assert missing_videos(vdir, ids) == {"v3": "missing", "v5": "empty (0 bytes)", "v6": "not a regular file"}
+    with pytest.raises(UserError) as e:
+        check_videos_exist(vdir, ids, "msrvtt/test", show=2)
+    assert str(e.value) == (f"msrvtt/test: 3 of 8 videos cannot be used (looked in folder {vdir}): "
+                            "v3 (missing); v5 (empty (0 bytes)); and 1 more")
+    with pytest.raises(UserError, match=f"video folder {tmp_path / 'nope'} does not exist \\(8 videos"):
+        check_videos_exist(tmp_path / "nope", ids, "msrvtt/test")
+    # MSVD: any extension, found by stem
+    (vdir / "clip.avi").write_bytes(b"x")
+    src = VideoSource(str(vdir), framerate=1, max_frames=2, size=8, any_extension=True)
+    check_videos_exist(src, ["clip", "v0"], "msvd/train")
+    with pytest.raises(UserError, match="1 of 2 videos.*ghost \\(file not found"):
+        check_videos_exist(src, ["clip", "ghost"], "msvd/train")
+
+
+def test_check_videos_exist_in_a_frame_cache(tmp_path):
+    try:  # tests/ may or may not be a package
+        from tests._video_fixtures import write_video
+    except ImportError:
+        from _video_fixtures import write_video
+
+    from emcl.data.cache import build_cache
+    from emcl.data.video import VideoSource, check_videos_exist
+
+    vdir = tmp_path / "videos"
+    vdir.mkdir()
+    write_video(vdir / "a.mp4", 4, width=16, height=16)
+    (vdir / "b.mp4").write_bytes(b"garbage")
+    store = tmp_path / "f.h5"
+    build_cache(vdir, store, max_frames=2, framerate=2.0, size=8, progress=False, workers=0,
+                skip_bad_videos=True)
+    (vdir / "a.mp4").unlink()  # with a cache the folder is not looked at
+    src = VideoSource(str(vdir), framerate=2.0, max_frames=2, size=8, frame_cache=str(store))
+    check_videos_exist(src, ["a"], "msvd/test")
+    with pytest.raises(UserError) as e:
+        check_videos_exist(src, ["a", "b", "c"], "msvd/test")
+    msg = str(e.value)
+    assert f"2 of 3 videos cannot be used (looked in frame cache {store})" in msg
+    assert "b (recorded as undecodable" in msg and "c (not in the frame cache)" in msg
+
+
+def test_skip_budget():
+    from emcl.data.video import SkipBudget
+
+    budget = SkipBudget(40, 0.05, "msvd/train")  # 2 of 40 allowed
+    budget.add(["v1"])
+    budget.add(["v1", "v2"])  # a video counts once
+    assert budget.count == 2 and budget.limit == 2
+    with pytest.raises(UserError) as e:
+        budget.add(["v3"])
+    assert str(e.value).startswith("msvd/train: 3 of 40 videos (7.5%) are unreadable, more than "
+                                   "--max_skip_fraction 0.05 allows (2): v1, v2, v3.")
+    with pytest.raises(UserError, match="1 of 10 videos"):
+        SkipBudget(10, 0.0).add(["x"])
+    SkipBudget(10, 1.0).add([str(i) for i in range(10)])
+    with pytest.raises(ValueError):
+        SkipBudget(10, 1.5)
+
+
+def test_video_error_is_a_one_line_user_error_also_from_a_worker():
+    from emcl.data.video import VideoError
+
+    e = VideoError("unreadable", path="/d/v.mp4", video_id="v")
+    assert isinstance(e, UserError) and isinstance(e, RuntimeError)
+    worker = ("Caught VideoError in DataLoader worker process 0.\n"
+              "Original Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+              "emcl.data.video.VideoError: video 'v' (/d/v.mp4): unreadable\n")
+    w = VideoError(worker)
+    assert str(w) == "video 'v' (/d/v.mp4): unreadable (in a DataLoader worker)"
+    assert w.worker_traceback == worker
+
+
+def test_state_dict_mismatch_is_one_line():
+    from emcl.train.guards import state_dict_mismatch
+
+    model = {"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}
+    assert state_dict_mismatch(model, dict(model)) == ""
+    loaded = {"a": torch.zeros(2, 4), "b": torch.zeros(4), "d": torch.zeros(1)}
+    assert state_dict_mismatch(model, loaded) == (
+        "1 tensor(s) of another shape: a: (2, 4) in the file, (2, 3) in the model; 1 missing: c; "
+        "1 unexpected: d"
+    )
+    many = {f"k{i}": torch.zeros(1) for i in range(7)}
+    assert state_dict_mismatch({}, many, limit=2) == "7 unexpected: k0, k1 (and 5 more)"

@@ -69,9 +69,15 @@ def load(path: Path) -> dict:
 
 def test_two_processes_match_one_on_the_same_global_batch(msvd_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run(flags(msvd_data, one, "--max_steps", "2", "--epochs", "1"))
+    # --multi_positive gathers the batch's video ids with the features (MSVD: several captions a video)
+    run(flags(msvd_data, one, "--max_steps", "2", "--epochs", "1", "--multi_positive", "1"))
     # --skip_bad_videos switches the gathers to their variable-length form: same results
-    run(flags(msvd_data, two, "--max_steps", "2", "--epochs", "1", "--skip_bad_videos"), nproc=2)
+    run(
+        flags(
+            msvd_data, two, "--max_steps", "2", "--epochs", "1", "--skip_bad_videos", "--multi_positive", "1"
+        ),
+        nproc=2,
+    )
     a, b = load(one / "checkpoint_last.pt"), load(two / "checkpoint_last.pt")
     assert a["step"] == b["step"] == 2
     loss_a, loss_b = a["best"]["history"][0]["loss"], b["best"]["history"][0]["loss"]

@@ -49,6 +49,7 @@ from emcl.data.video import (
     find_videos,
     read_frames,
 )
+from emcl.errors import UserValueError
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +145,18 @@ class FrameCache:
             with h5py.File(self.path, "r") as f:
                 attrs = dict(f.attrs)
         except OSError as e:
-            raise ValueError(f"frame cache {self.path} cannot be opened as HDF5: {e}") from None
+            raise UserValueError(f"frame cache {self.path} cannot be opened as HDF5: {e}") from None
         if attrs.get("format") != FORMAT:
-            raise ValueError(
+            raise UserValueError(
                 f"{self.path} is not an EMCL frame cache (format attribute {attrs.get('format')!r})"
             )
         if int(attrs.get("version", -1)) != VERSION:
-            raise ValueError(
+            raise UserValueError(
                 f"frame cache {self.path} has version {attrs.get('version')}, this code reads "
                 f"version {VERSION}; rebuild it"
             )
         if not bool(attrs.get("complete", False)):
-            raise ValueError(
+            raise UserValueError(
                 f"frame cache {self.path} is not a finished store; rerun scripts/cache_frames.py"
             )
         self.max_frames = int(attrs["max_frames"])
@@ -206,7 +207,7 @@ class FrameCache:
         have = self.settings()
         diff = [k for k in wanted if not _same_setting(wanted[k], have[k])]
         if diff:
-            raise ValueError(
+            raise UserValueError(
                 f"frame cache {self.path} was built with {have}, but {wanted} was requested "
                 f"(differs in {', '.join(diff)}); rebuild the cache with scripts/cache_frames.py or change "
                 "the settings"
@@ -579,7 +580,7 @@ Window = tuple[float | None, float | None]
 _SKIP_HINT = "(use skip_bad_videos=True / --skip_bad_videos to record it as failed and go on)"
 
 
-class CacheBuildError(ValueError):
+class CacheBuildError(UserValueError):
     """The inputs of a cache build are unusable (no videos to cache, a malformed id list or windows)."""
 
 

@@ -45,7 +45,9 @@ def tokenize_split(split: RetrievalSplit, max_words: int) -> tuple[torch.Tensor,
     try:
         return tokenize(split.captions, max_words)
     except ValueError as e:
-        raise ValueError(f"{split.datatype}/{split.split}: {e}") from e
+        from emcl.errors import UserValueError
+
+        raise UserValueError(f"{split.datatype}/{split.split}: {e}") from e
 
 
 def _load_video(split: RetrievalSplit, source, video_index: int):
@@ -56,6 +58,10 @@ def _load_video(split: RetrievalSplit, source, video_index: int):
 
 class TrainDataset(Dataset):
     """One item per caption: its tokens and its video's uint8 frames.
+
+    Items: ``text_ids``, ``text_mask``, ``frames``, ``frame_mask``, ``video_index`` (the video's index in
+    the split: items with the same ``video_index`` show the same video, which the multi-positive loss
+    uses; collated to a LongTensor aligned with the batch, skipped items removed) and ``caption_index``.
 
     ``augment`` (e.g. :class:`~emcl.data.augment.ClipRandAugment`) is applied to the real frames only,
     never to the zero padding.

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from emcl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("pyav", "opencv")
@@ -51,16 +53,24 @@ VIDEO_EXTENSIONS = frozenset(
 _EPS = 1e-6
 
 
-class VideoError(RuntimeError):
+class VideoError(UserError, RuntimeError):
     """A video that cannot be used: missing, unreadable, empty, without fps, ...
 
     The message names the path, the dataset record (video id) and the reason; the three are also kept as
     attributes ``path``, ``video_id`` and ``reason``. ``VideoError(message)`` alone is accepted so that
-    PyTorch's DataLoader can re-raise the error from a worker.
+    PyTorch's DataLoader can re-raise the error from a worker; the worker's traceback is then kept in
+    ``worker_traceback`` and the message is the original one line. A ``UserError``: the command line prints
+    it as one line (fix the file, or ``--skip_bad_videos``).
     """
 
     def __init__(self, reason: str, *, path: str | os.PathLike[str] | None = None,
                  video_id: str | None = None) -> None:
+        self.worker_traceback: str | None = None
+        if path is None and video_id is None and reason.startswith("Caught VideoError"):
+            self.worker_traceback = reason
+            last = [line for line in reason.splitlines() if "VideoError: " in line]
+            if last:
+                reason = last[-1].split("VideoError: ", 1)[1] + " (in a DataLoader worker)"
         self.reason = reason
         self.path = None if path is None else os.fspath(path)
         self.video_id = video_id
@@ -608,3 +618,117 @@ class VideoSource:
         where = f"frame_cache={self.cache.path!r}" if self.cache is not None else f"{self.video_path!r}"
         return (f"VideoSource({where}, framerate={self.framerate}, max_frames={self.max_frames}, "
                 f"size={self.size}, backend={self.backend!r}, index_rounding={self.index_rounding!r})")
+
+
+# ------------------------------------------------------------------------------------ up-front checks
+
+
+def missing_videos(source: VideoSource | str | os.PathLike[str], video_ids: Iterable[str]) -> dict[str, str]:
+    """Videos of ``video_ids`` that cannot be there: id -> reason ("missing", "empty (0 bytes)", ...).
+
+    A stat per video, no decoding. ``source`` is a :class:`VideoSource` (its frame cache when it has one,
+    else its folder, honouring ``any_extension``) or a folder of ``{id}.mp4`` files.
+    """
+    if not isinstance(source, VideoSource):
+        source = VideoSource(os.fspath(source), framerate=1.0, max_frames=1, size=1)
+    bad: dict[str, str] = {}
+    if source.cache is not None:
+        cached = set(source.cache.ids())
+        failed = source.cache.failed()
+        for vid in video_ids:
+            if vid in failed:
+                bad[vid] = f"recorded as undecodable when the cache was built ({failed[vid]})"
+            elif vid not in cached:
+                bad[vid] = "not in the frame cache"
+        return bad
+    for vid in video_ids:
+        try:
+            path = source.path_for(vid)
+        except VideoError as e:
+            bad[vid] = e.reason
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            bad[vid] = "missing"
+            continue
+        except OSError as e:
+            bad[vid] = f"cannot be read ({e.strerror or e})"
+            continue
+        if not os.path.isfile(path):
+            bad[vid] = "not a regular file"
+        elif st.st_size == 0:
+            bad[vid] = "empty (0 bytes)"
+    return bad
+
+
+def check_videos_exist(source: VideoSource | str | os.PathLike[str], video_ids: Iterable[str],
+                       what: str, show: int = 5) -> None:
+    """Raise :class:`~emcl.errors.UserError` unless every video of ``video_ids`` exists and is non-empty
+    (or is in the frame cache when ``source`` reads one). A stat per video, no decoding.
+
+    The message names ``what`` (e.g. ``"msvd/test"``), the count, the first ``show`` ids with their reason
+    and the folder (or cache) looked in.
+    """
+    ids = list(video_ids)
+    bad = missing_videos(source, ids)
+    if not bad:
+        return
+    cache = source.cache if isinstance(source, VideoSource) else None
+    folder = source.video_path if isinstance(source, VideoSource) else os.fspath(source)
+    if cache is not None:
+        where = f"frame cache {cache.path}"
+    elif folder is not None and not os.path.isdir(folder):
+        raise UserError(f"{what}: video folder {folder} does not exist ({len(ids)} videos expected in it)")
+    else:
+        where = f"folder {folder}"
+    first = "; ".join(f"{vid} ({reason})" for vid, reason in list(bad.items())[:show])
+    more = f"; and {len(bad) - show} more" if len(bad) > show else ""
+    raise UserError(f"{what}: {len(bad)} of {len(ids)} videos cannot be used (looked in {where}): "
+                    f"{first}{more}")
+
+
+class SkipBudget:
+    """How many of a split's videos may be unreadable before the run stops (``--max_skip_fraction``).
+
+    ``add(ids)`` records unreadable video ids (each counted once); once more than ``fraction`` of
+    ``total_videos`` are recorded it raises :class:`~emcl.errors.UserError` naming the count, the share and
+    the first ids. ``fraction=0`` stops at the first unreadable video.
+    """
+
+    def __init__(self, total_videos: int, fraction: float, what: str = "the split", show: int = 10) -> None:
+        if total_videos < 0 or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"SkipBudget needs total_videos >= 0 and 0 <= fraction <= 1, got "
+                             f"{total_videos}, {fraction}")
+        self.total = total_videos
+        self.fraction = fraction
+        self.what = what
+        self.show = show
+        self.ids: dict[str, None] = {}  # insertion-ordered set
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    @property
+    def limit(self) -> int:
+        """The most unreadable videos allowed."""
+        return math.floor(self.fraction * self.total + 1e-9)
+
+    def add(self, video_ids: Iterable[str]) -> None:
+        """Record unreadable videos; raise once more than the allowed share are unreadable."""
+        for vid in video_ids:
+            self.ids.setdefault(str(vid), None)
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`UserError` if more than the allowed share of videos is unreadable."""
+        if self.count <= self.limit:
+            return
+        first = ", ".join(list(self.ids)[: self.show]) + (", ..." if self.count > self.show else "")
+        share = self.count / max(self.total, 1)
+        raise UserError(
+            f"{self.what}: {self.count} of {self.total} videos ({share:.1%}) are unreadable, more than "
+            f"--max_skip_fraction {self.fraction:g} allows ({self.limit}): {first}. Fix or replace these "
+            "files (scripts/cache_frames.py lists every failure), or raise --max_skip_fraction"
+        )

@@ -25,12 +25,13 @@ import threading
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from emcl.errors import UserError
 from emcl.fileio import nonfinite_paths
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "LOCK_NAME",
@@ -118,6 +119,7 @@ class RunLock:
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / LOCK_NAME
         self.held = False
+        self.removed: list[Path] = []  # what check_output_dir removed (--overwrite), for the run's log
         self._owner_pid: int | None = None
         self._token: str | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -150,24 +152,29 @@ class RunLock:
         return (f"pid {rec.get('pid')} on host {rec.get('host')}, started {rec.get('started')} "
                 f"(command: {cmd})")
 
+    def _stale(self, rec: dict[str, Any]) -> bool:
+        """Whether the lock's holder ran on this host and is gone (or its pid was reused since)."""
+        if rec.get("host") != socket.gethostname():
+            return False
+        try:
+            pid = int(rec.get("pid", -1))
+        except (TypeError, ValueError):
+            pid = -1
+        # our own pid but not a lock this process holds: a pid reused after a restart (containers)
+        stale = not _pid_alive(pid) or (pid == os.getpid() and str(self.path.resolve()) not in _HELD)
+        if not stale:  # a live pid may be a reused one: compare its start with the lock's
+            began, locked = _process_start(pid), _started_epoch(rec.get("started"))
+            stale = began is not None and locked is not None and began > locked + 2.0
+        return stale
+
     def _holder_error(self, rec: dict[str, Any] | None) -> UserError:
         if rec is None:
             return UserError(
                 f"output folder {self.output_dir} is locked by another run, but its lock file {self.path} "
                 f"cannot be read; if no run uses this folder, clear it with: {self._rm()}"
             )
-        host = socket.gethostname()
-        try:
-            pid = int(rec.get("pid", -1))
-        except (TypeError, ValueError):
-            pid = -1
-        if rec.get("host") == host:
-            # our own pid but not a lock this process holds: a pid reused after a restart (containers)
-            stale = not _pid_alive(pid) or (pid == os.getpid() and str(self.path.resolve()) not in _HELD)
-            if not stale:  # a live pid may be a reused one: compare its start with the lock's
-                began, locked = _process_start(pid), _started_epoch(rec.get("started"))
-                stale = began is not None and locked is not None and began > locked + 2.0
-            if stale:
+        if rec.get("host") == socket.gethostname():
+            if self._stale(rec):
                 return UserError(
                     f"output folder {self.output_dir} has a stale lock: the run that took it "
                     f"({self._describe(rec)}) is no longer running. Check its results, then clear the "
@@ -185,8 +192,12 @@ class RunLock:
         )
 
     # -- acquire / release
-    def acquire(self) -> RunLock:
-        """Take the lock or raise :class:`UserError` naming the holder (or the stale lock)."""
+    def acquire(self, take_stale: bool = False) -> RunLock:
+        """Take the lock or raise :class:`UserError` naming the holder (or the stale lock).
+
+        ``take_stale`` (``--resume``: a requeued job continuing after its predecessor was killed) takes
+        over a stale lock of this host with a warning instead of refusing.
+        """
         if self.held:
             return self
         try:
@@ -204,6 +215,10 @@ class RunLock:
                     rec = self.read()
                     if rec is not None or not self.path.exists():
                         break
+            if take_stale and rec is not None and self._stale(rec):
+                log.warning("taking over the stale lock of a run that is gone (%s)", self._describe(rec))
+                self.path.unlink(missing_ok=True)
+                return self.acquire()
             raise self._holder_error(rec) from None
         except OSError as e:
             raise UserError(f"output folder {self.output_dir} is not writable: cannot create "
@@ -463,6 +478,8 @@ def check_finite(value: float | torch.Tensor, what: str, hint: str = "") -> None
     ``what`` names the quantity and where (``"training loss at epoch 2, step 17"``); ``hint`` is added
     after it (e.g. which flags to lower).
     """
+    import torch
+
     if isinstance(value, torch.Tensor):
         ok = bool(torch.isfinite(value).all())
         shown = f"{value.item():g}" if value.numel() == 1 else "non-finite"
@@ -477,6 +494,8 @@ def check_finite(value: float | torch.Tensor, what: str, hint: str = "") -> None
 def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int = 10) -> list[str]:
     """Names of (at most ``limit``) floating-point parameters, buffers or state-dict entries holding a
     NaN or infinite value."""
+    import torch
+
     items = tensors.state_dict().items() if isinstance(tensors, torch.nn.Module) else tensors.items()
     bad = []
     for name, t in items:
@@ -485,3 +504,29 @@ def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int =
             if len(bad) >= limit:
                 break
     return bad
+
+
+def state_dict_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], limit: int = 5) -> str:
+    """One line saying why ``loaded`` does not fit a model whose state dict is ``expected``: tensors of
+    another shape, missing and unexpected keys (the first ``limit`` of each); "" when it fits."""
+    shape = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+        for k, v in loaded.items()
+        if k in expected and hasattr(v, "shape") and hasattr(expected[k], "shape")
+        and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    missing = [k for k in expected if k not in loaded]
+    unexpected = [k for k in loaded if k not in expected]
+    parts = []
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
+
+    if shape:
+        parts.append(f"{len(shape)} tensor(s) of another shape: " + "; ".join(shape[:limit])
+                     + (f" (and {len(shape) - limit} more)" if len(shape) > limit else ""))
+    if missing:
+        parts.append(f"{len(missing)} missing: {some(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
+    return "; ".join(parts)

@@ -342,8 +342,39 @@ def _check_finite(first_bad: torch.Tensor, epoch: int, cfg: argparse.Namespace) 
         )
 
 
-def train(task: Task, cfg: argparse.Namespace, model: nn.Module, info: dist.DistInfo, out: Path) -> dict:
-    """Train for ``epochs``, checkpoint every epoch, select on val (or test with --select_on_test)."""
+def load_resume_checkpoint(
+    task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path
+) -> dict | None:
+    """``--resume``: ``checkpoint_last.pt`` with its saved settings checked against this run's (before
+    anything is written into the folder); None when there is nothing to resume."""
+    last = out / "checkpoint_last.pt"
+    if not (cfg.do_train and cfg.resume and last.is_file()):
+        return None
+    ck = load_checkpoint(last, map_location=info.device)
+    saved = _saved_config(ck, last)
+    if saved is not None:
+        guards.check_settings(
+            saved,
+            config_dict(cfg),
+            must_match=(*task.arch_keys, *COMMON_EXPERIMENT_KEYS, *task.experiment_keys),
+            may_change=("epochs", "max_steps", "workers", "n_display", "batch_size_val", "eval_split"),
+            source=f"checkpoint {last}",
+            action="--resume continues a run with its own settings: use them, or another --output_dir",
+        )
+    return ck
+
+
+def train(
+    task: Task,
+    cfg: argparse.Namespace,
+    model: nn.Module,
+    info: dist.DistInfo,
+    out: Path,
+    resume_ck: dict | None = None,
+) -> dict:
+    """Train for ``epochs``, checkpoint every epoch, select on val (or test with --select_on_test).
+
+    ``resume_ck``: the checked ``checkpoint_last.pt`` (:func:`load_resume_checkpoint`) to continue from."""
     device = info.device
     if cfg.batch_size % info.world_size:
         raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes")
@@ -363,17 +394,7 @@ def train(task: Task, cfg: argparse.Namespace, model: nn.Module, info: dist.Dist
     last = out / "checkpoint_last.pt"
     resumed_from = None
     if cfg.resume and last.is_file():
-        ck = load_checkpoint(last, map_location=device)
-        saved = _saved_config(ck, last)
-        if saved is not None:
-            guards.check_settings(
-                saved,
-                config_dict(cfg),
-                must_match=(*task.arch_keys, *COMMON_EXPERIMENT_KEYS, *task.experiment_keys),
-                may_change=("epochs", "max_steps", "workers", "n_display", "batch_size_val", "eval_split"),
-                source=f"checkpoint {last}",
-                action="--resume continues a run with its own settings: use them, or another --output_dir",
-            )
+        ck = resume_ck if resume_ck is not None else load_resume_checkpoint(task, cfg, info, out)
         unwrap(model).load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -414,7 +435,9 @@ def train(task: Task, cfg: argparse.Namespace, model: nn.Module, info: dist.Dist
 
         for batch in bar:
             skipped += batch.get("num_skipped", 0)
-            skipped_ids.update(batch.get("skipped_ids", ()))
+            if batch.get("skipped_ids"):  # stop as soon as this rank alone has seen too many
+                skipped_ids.update(batch["skipped_ids"])
+                check_skip_fraction(skipped_ids, num_train_videos, "train", cfg)
             if batch.get("empty"):  # every clip of this batch was unreadable
                 if info.world_size > 1:
                     raise UserError(
@@ -467,6 +490,12 @@ def train(task: Task, cfg: argparse.Namespace, model: nn.Module, info: dist.Dist
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         _check_finite(first_bad, epoch, cfg)
+        bad_weights = guards.nonfinite_tensors(unwrap(model))  # e.g. an update that overflowed
+        if bad_weights:
+            raise NonFiniteError(
+                f"non-finite weights after epoch {epoch + 1}, step {step} ({', '.join(bad_weights)}); the "
+                f"run stopped before saving that state. Lower --lr (now {cfg.lr:g})"
+            )
         if info.world_size > 1:  # every rank skipped its own samples
             skipped = sum(dist.all_gather_object_list(skipped))
             skipped_ids = set().union(*dist.all_gather_object_list(sorted(skipped_ids)))
@@ -544,9 +573,14 @@ def _prepare_output(cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> 
     """Rank 0 checks the folder and takes the run's lock; an error reaches every rank."""
 
     def take() -> guards.RunLock:
-        guards.check_output_dir(out, cfg.resume, cfg.overwrite)
+        # the lock first: --overwrite must never delete the files of a run that is still going
         lock = guards.RunLock(out)
-        lock.acquire()
+        lock.acquire(take_stale=cfg.resume)  # a requeued job resumes after its killed predecessor
+        try:
+            lock.removed = guards.check_output_dir(out, cfg.resume, cfg.overwrite)
+        except BaseException:
+            lock.release()
+            raise
         return lock
 
     return _all_ranks(take, info, rank0_only=True)
@@ -561,6 +595,8 @@ def run(task: Task, argv: Sequence[str] | None = None, description: str | None =
     try:
         lock = _prepare_output(cfg, info, out)
         setup_logging(out, info.rank)
+        if lock is not None and lock.removed:  # said again, now that train.log exists
+            log.warning("--overwrite: removed the earlier run's %s", ", ".join(p.name for p in lock.removed))
         return _run(task, cfg, info, out)
     finally:
         if lock is not None:
@@ -592,11 +628,10 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
             else:
                 apply_checkpoint_settings(task, cfg, saved, cfg.init_model)
 
+    resume_ck = load_resume_checkpoint(task, cfg, info, out)  # settings checked before anything is written
     splits = _splits_used(task, cfg)
     if task.check_data is not None:
         _all_ranks(lambda: task.check_data(cfg, splits), info, rank0_only=True)
-    if info.is_main:
-        save_yaml(config_dict(cfg), out / "config.yaml")
     log.info("%s: device %s, %d process(es); output %s", task.name, info.device, info.world_size, out)
 
     model = task.build_model(cfg)
@@ -605,14 +640,18 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise UserError(f"{cfg.init_model} does not fit the model these settings build: {e}") from e
+            why = guards.state_dict_mismatch(model.state_dict(), state) or str(e).splitlines()[0]
+            raise UserError(f"{cfg.init_model} does not fit the model these settings build: {why}") from e
         log.info("loaded %s", cfg.init_model)
         del init_ck
     model.to(info.device)
+    if info.is_main:  # once the settings have built a model (a bad clip_config leaves no config.yaml)
+        save_yaml(config_dict(cfg), out / "config.yaml")
 
     metrics: dict[str, Any] = {"finished": False, "task": task.name}
     if cfg.do_train:
-        metrics["train"] = train(task, cfg, model, info, out)
+        metrics["train"] = train(task, cfg, model, info, out, resume_ck)
+        del resume_ck
         metrics["resumed_from"] = metrics["train"].pop("resumed_from")
         tested = out / metrics["train"]["evaluated_checkpoint"]
         model.load_state_dict(

@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from emcl import dist
-from emcl.clip import build_clip, load_clip
+from emcl.clip import build_clip_from_config, load_clip
 from emcl.data.datasets import (
     RetrievalSplit,
     TextDataset,
@@ -36,8 +36,8 @@ from emcl.data.datasets import (
     load_split,
 )
 from emcl.data.loader import build_loader
-from emcl.data.video import VideoSource, check_videos_exist
-from emcl.metrics import DIRECTIONS, evaluate_similarity, format_table
+from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
+from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
 from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
@@ -97,6 +97,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "query: EM per text over all videos; none: no EM",
     )
     a("--eval_block_size", type=positive_int, default=32)
+    a(
+        "--multi_positive",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="other captions of the same video in a batch are positives, not negatives (reference: 0)",
+    )
     a("--grad_checkpointing", action="store_true")
 
 
@@ -105,7 +112,7 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
     """CLIP (from ``clip_config`` or pretrained ``clip_path``) plus the EMCL-Net head."""
     torch.manual_seed(cfg.seed)
     if cfg.clip_config:
-        clip = build_clip(**cfg.clip_config)
+        clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
     else:
         clip = load_clip(cfg.clip_path)
     if cfg.grad_checkpointing:
@@ -140,7 +147,9 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     syn = dict(cfg.synthetic)
     out = Path(syn.pop("out", "data/synthetic"))
     use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
-    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px.h5"
+    rounding = index_rounding(cfg)
+    suffix = "" if rounding == "round" else f"_{rounding}"
+    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px{suffix}.h5"
     if info.is_main:
         make_synthetic(out, format=cfg.datatype, **syn)
         if use_cache:
@@ -152,6 +161,7 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
                 size=cfg.image_size,
                 workers=min(2, cfg.workers),
                 backend=cfg.decode_backend,
+                index_rounding=rounding,
             )
     dist.barrier()
     cfg.anno_path = str(out / "annotations")
@@ -170,7 +180,13 @@ def video_source(cfg: argparse.Namespace) -> VideoSource:
         frame_cache=cfg.frame_cache,
         any_extension=cfg.datatype == "msvd",
         cache_in_memory=bool(cfg.cache_in_memory),
+        index_rounding=index_rounding(cfg),
     )
+
+
+def index_rounding(cfg: argparse.Namespace) -> str:
+    """Evenly spaced frame indices: rounded (ours) or truncated as the reference (``--faithful``)."""
+    return "floor" if cfg.faithful else "round"
 
 
 def split_options(cfg: argparse.Namespace) -> dict[str, Any]:
@@ -324,12 +340,12 @@ def evaluate(model: EMCLNet, split: str, cfg, info: dist.DistInfo) -> dict[str, 
 def format_results(res: dict[str, Any]) -> str:
     """The headline table, then one line per policy and direction: the policies side by side."""
     lines = [f"headline policy: {res['eval_block']} ({res['num_texts']} texts x {res['num_videos']} videos)"]
-    lines.append(format_table({k: v for k, v in res.items() if k in DIRECTIONS}))
+    lines.append(format_table({k: v for k, v in res.items() if k in (*DIRECTIONS, *CAPTION_DIRECTIONS)}))
     keys = ("R1", "R5", "R10", "R50", "MdR", "MnR")
-    lines.append(f"{'policy':<7} {'direction':<14}" + "".join(f"{k:>8}" for k in keys))
+    lines.append(f"{'policy':<7} {'direction':<17}" + "".join(f"{k:>8}" for k in keys))
     for policy, rows in res["policies"].items():
         for direction, row in rows.items():
-            lines.append(f"{policy:<7} {direction:<14}" + "".join(f"{row[k]:>8.1f}" for k in keys))
+            lines.append(f"{policy:<7} {direction:<17}" + "".join(f"{row[k]:>8.1f}" for k in keys))
     return "\n".join(lines)
 
 
@@ -394,6 +410,7 @@ def train_step(
         batch["frames"].to(device, non_blocking=True),
         batch["frame_mask"].to(device, non_blocking=True),
         gather=_gather(cfg) if info.world_size > 1 else None,
+        video_ids=batch["video_index"].to(device, non_blocking=True) if cfg.multi_positive else None,
     )
 
 
@@ -412,11 +429,26 @@ def after_step(model: EMCLNet) -> None:
 
 
 def check_data(cfg: argparse.Namespace, splits: list[str]) -> None:
-    """Before the first step: parse every split the run uses and stat each of its videos."""
+    """Before the first step: parse every split the run uses and stat each of its videos.
+
+    A missing or empty video is an error; with ``--skip_bad_videos`` up to ``--max_skip_fraction`` of a
+    split's videos may be missing (logged; they are skipped like unreadable ones)."""
     source = video_source(cfg)
     for name in splits:
         split = get_split(cfg, name)
-        check_videos_exist(source, split.video_ids, f"{split.datatype}/{name}")
+        what = f"{split.datatype}/{name}"
+        if not cfg.skip_bad_videos:
+            check_videos_exist(source, split.video_ids, what)
+            continue
+        bad = missing_videos(source, split.video_ids)
+        if bad:
+            log.warning(
+                "%s: %d missing or empty video(s) will be skipped: %s",
+                what,
+                len(bad),
+                ", ".join(list(bad)[:20]),
+            )
+            SkipBudget(len(split.video_ids), cfg.max_skip_fraction, what).add(bad)
 
 
 def compile_targets(model: EMCLNet) -> list[torch.nn.Module]:
@@ -441,6 +473,7 @@ SCORE_KEYS = (
     "eval_block_size",
 )
 EXPERIMENT_KEYS = (
+    "multi_positive",
     "datatype",
     "msrvtt_train",
     "augment",
