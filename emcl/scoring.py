@@ -12,6 +12,11 @@ swap near-tied candidates, and is no faster.
 - ``query``: EM runs once per text query over that text and all videos. Scores do not depend on the
   order of texts or videos nor on any blocking.
 - ``none``: no EMCL at evaluation (pass a ``score_fn`` without it); scores are pairwise.
+
+:func:`embedding_score_matrix` is the same three policies for models whose EM transforms the text and
+video embeddings of a set jointly and then scores pairs independently (MMT, per modality): there the
+reference's ``paper`` blocks are 32 *matched* pairs in list order, each text and video keeping the
+embedding of its own block (:func:`paper_block_embeddings`).
 """
 
 from __future__ import annotations

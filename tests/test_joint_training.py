@@ -24,10 +24,30 @@ def tiny_mmt(use_emcl: bool = True, **kw):
     from video_retrieval.joint_training.mmt import MMT
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=32), add_pooling_layer=False)
-    return MMT(bert, {"a": 5, "b": 3, "c": 4}, same_dim=16, layers=2, heads=2, intermediate=32, max_position=16,
-               use_emcl=use_emcl, centerK=4, stage_num=3, **kw)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=30,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=32,
+        ),
+        add_pooling_layer=False,
+    )
+    return MMT(
+        bert,
+        {"a": 5, "b": 3, "c": 4},
+        same_dim=16,
+        layers=2,
+        heads=2,
+        intermediate=32,
+        max_position=16,
+        use_emcl=use_emcl,
+        centerK=4,
+        stage_num=3,
+        **kw,
+    )
 
 
 def test_batched_em_equals_independent_single_modality_ems():
@@ -108,7 +128,9 @@ def test_query_policy_is_em_per_query_over_all_videos(embeddings):
     perm = torch.randperm(70)
     sim_p = embedding_score_matrix(model.em_transform, _pair, t[perm], v[perm], extra=w[perm], mode="query")
     torch.testing.assert_close(sim_p, sim[perm][:, perm], atol=1e-5, rtol=0)
-    half = embedding_score_matrix(model.em_transform, _pair, t, v, extra=w, mode="query", rank=1, world_size=2)
+    half = embedding_score_matrix(
+        model.em_transform, _pair, t, v, extra=w, mode="query", rank=1, world_size=2
+    )
     torch.testing.assert_close(half, sim[64:], atol=1e-6, rtol=0)
     tp, vp = paper_block_embeddings(model.em_transform, t, v, 32)
     assert tp.shape == t.shape and vp.shape == v.shape
@@ -117,8 +139,15 @@ def test_query_policy_is_em_per_query_over_all_videos(embeddings):
 def test_model_without_emcl_normalises_the_experts():
     model = tiny_mmt(use_emcl=False, normalize_experts=True).eval()
     ids = torch.randint(0, 30, (4, 7))
-    experts = {e: {"features": torch.randn(4, 5, d), "positions": torch.full((4, 5), 2.0),
-                   "mask": torch.ones(4, 5), "maxpool": torch.randn(4, d)} for e, d in (("a", 5), ("b", 3), ("c", 4))}
+    experts = {
+        e: {
+            "features": torch.randn(4, 5, d),
+            "positions": torch.full((4, 5), 2.0),
+            "mask": torch.ones(4, 5),
+            "maxpool": torch.randn(4, d),
+        }
+        for e, d in (("a", 5), ("b", 3), ("c", 4))
+    }
     experts["c"]["mask"][1] = 0  # a missing expert still gets an embedding, scored at its text weight
     t, w = model.encode_text(ids, torch.ones_like(ids))
     v = model.encode_video(experts)
@@ -134,8 +163,16 @@ def mmt_config(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("mmt")
     cfg = yaml.safe_load((ROOT / "configs/mmt_synthetic.yaml").read_text())
     cfg["synthetic"].update(out=str(tmp / "data"), num_videos=72, split_sizes=[32, 40])
-    cfg.update(epochs=2, iters_per_epoch=3, batch_size=8, batch_size_val=16, vid_layers=1, same_dim=32,
-               n_display=1, device="cpu")
+    cfg.update(
+        epochs=2,
+        iters_per_epoch=3,
+        batch_size=8,
+        batch_size_val=16,
+        vid_layers=1,
+        same_dim=32,
+        n_display=1,
+        device="cpu",
+    )
     path = tmp / "mmt_tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -156,8 +193,19 @@ def test_train_then_eval_only_reproduces_both_policies(mmt_config, tmp_path):
     mu = ck["model"]["emcl.mu"]
     assert mu.shape == (4, 1, 64)  # (M, 1, K): one EM state per modality, saved with the model
     assert not torch.equal(mu, tiny_state_mu(mmt_config))  # updated by training
-    again = run(TASK, ["--config", str(mmt_config), "--do_eval", "1", "--init_model", str(out / "checkpoint_last.pt"),
-                       "--output_dir", str(tmp_path / "eval")])
+    again = run(
+        TASK,
+        [
+            "--config",
+            str(mmt_config),
+            "--do_eval",
+            "1",
+            "--init_model",
+            str(out / "checkpoint_last.pt"),
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert again["test"]["policies"] == test["policies"]
 
 

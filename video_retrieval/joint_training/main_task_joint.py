@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from emcl.train.runner import Task, run
 from torch.utils.data import Subset
 
 from emcl import dist
@@ -42,6 +41,7 @@ from emcl.metrics import format_table, t2v_metrics, v2t_metrics
 from emcl.scoring import EVAL_POLICIES, embedding_score_matrix
 from emcl.train.amp import autocast
 from emcl.train.errors import UserError, cli_main
+from emcl.train.runner import Task, run
 
 from .mmt import MMT, pair_scores
 
@@ -348,7 +348,7 @@ def train_step(ddp, model: MMT, batch: dict, cfg: argparse.Namespace, info: dist
     if info.world_size > 1:
 
         def gather(x):  # noqa: E306
-            return dist.all_gather_with_grad(x, reduce_grads=not cfg.faithful)
+            return dist.all_gather_with_grad(x)
 
     sim = ddp(
         batch["text_ids"].to(dev), batch["text_mask"].to(dev), _to(batch["experts"], dev), gather=gather
@@ -429,8 +429,11 @@ def evaluate(model: MMT, split_name: str, cfg, info: dist.DistInfo) -> dict[str,
     policies: dict[str, Any] = {}
     for policy in EVAL_POLICIES if model.emcl is not None else ("none",):
         if policy == "paper" and split.multi_caption:
-            log.warning("%s/%s: several captions per video: the paper policy (matched pairs) is skipped",
-                        cfg.datatype, split_name)
+            log.warning(
+                "%s/%s: several captions per video: the paper policy (matched pairs) is skipped",
+                cfg.datatype,
+                split_name,
+            )
             continue
         rows = embedding_score_matrix(
             model.em_transform,
@@ -462,9 +465,13 @@ def format_results(res: dict[str, Any]) -> str:
     """The headline table, then every policy labelled."""
     lines = [f"headline policy: {res['eval_block']} ({res['num_texts']} texts x {res['num_videos']} videos)"]
     lines.append(format_table({k: res[k] for k in ("t2v", "v2t")}))
-    lines.append(format_table({f"{p} {d}": row for p, rows in res["policies"].items() for d, row in rows.items()}))
-    lines.append("paper: EM per 32 matched pairs in list order (transductive, as the reference); "
-                 "query: EM per query over all videos; none: no EM")
+    lines.append(
+        format_table({f"{p} {d}": row for p, rows in res["policies"].items() for d, row in rows.items()})
+    )
+    lines.append(
+        "paper: EM per 32 matched pairs in list order (transductive, as the reference); "
+        "query: EM per query over all videos; none: no EM"
+    )
     missing = {e: sum(c.values()) for e, c in res["missing_experts"].items() if sum(c.values())}
     if missing:
         lines.append("videos missing an expert: " + ", ".join(f"{e} {n}" for e, n in missing.items()))
