@@ -291,8 +291,9 @@ def consolidate_experts(
 class ExpertStore:
     """Per-video :class:`VideoExperts` from a consolidated store (a ``.h5`` file) or a published folder.
 
-    The HDF5 handle opens lazily in each process, so a store can be handed to DataLoader workers.
-    ``in_memory`` reads a consolidated store into RAM once.
+    The HDF5 handle opens lazily in each process, so a store can be handed to DataLoader workers. The
+    per-video index (offsets, missing codes, captions) is read into RAM once per process; ``in_memory``
+    reads the features too.
     """
 
     def __init__(self, path: str | os.PathLike, experts: Mapping[str, int], in_memory: bool = False) -> None:
@@ -346,24 +347,26 @@ class ExpertStore:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_h"], state["_pid"] = None, -1
+        state["_h"], state["_pid"], state["_mem"] = None, -1, None
         return state
 
-    def _load_memory(self) -> dict:
-        if self._mem is None:
+    def _index_arrays(self) -> dict:
+        """Offsets, missing codes and captions of every video (small), read once per process."""
+        if self._mem is None or self._mem.get("_pid") != os.getpid():
             h = self._file()
-            self._mem = {
-                e: {k: h[e][k][()] for k in ("features", "times", "offsets", "missing")} for e in self.experts
-            }
-            self._mem["captions"] = h["captions"][()]
+            mem: dict = {"_pid": os.getpid(), "captions": h["captions"][()]}
+            for e in self.experts:
+                mem[e] = {k: h[e][k][()] for k in ("offsets", "missing")}
+                if self.in_memory:
+                    mem[e].update({k: h[e][k][()] for k in ("features", "times")})
+            self._mem = mem
         return self._mem
 
     def captions(self, video_id: str) -> list[list[str]]:
         """The caption word lists of one video (without reading its features when consolidated)."""
         if self._row is None:
             return self.get(video_id).captions
-        i = self._index(video_id)
-        raw = self._load_memory()["captions"][i] if self.in_memory else self._file()["captions"][i]
+        raw = self._index_arrays()["captions"][self._index(video_id)]
         return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
 
     def _index(self, video_id: str) -> int:
@@ -376,19 +379,19 @@ class ExpertStore:
         if self._row is None:
             return read_video_h5(video_h5_path(self.path, video_id), self.experts, video_id)
         i = self._index(video_id)
-        src = self._load_memory() if self.in_memory else self._file()
+        index = self._index_arrays()
         feats, times, missing = {}, {}, {}
         for e in self.experts:
-            g = src[e]
-            lo, hi = (int(x) for x in g["offsets"][i : i + 2])
-            code = int(g["missing"][i])
+            lo, hi = (int(x) for x in index[e]["offsets"][i : i + 2])
+            code = int(index[e]["missing"][i])
             if code:
                 feats[e] = times[e] = None
                 missing[e] = MISSING_REASONS[code - 1]
-            else:
-                feats[e] = np.asarray(g["features"][lo:hi], dtype=np.float32)
-                times[e] = np.asarray(g["times"][lo:hi], dtype=np.float32)
-        raw = src["captions"][i]
+                continue
+            src = index[e] if self.in_memory else self._file()[e]
+            feats[e] = np.asarray(src["features"][lo:hi], dtype=np.float32)
+            times[e] = np.asarray(src["times"][lo:hi], dtype=np.float32)
+        raw = index["captions"][i]
         caps = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         return VideoExperts(video_id, caps, feats, times, missing)
 
@@ -396,10 +399,10 @@ class ExpertStore:
         """Per expert, how many of ``video_ids`` miss it, by reason (absent / empty / nan)."""
         counts = {e: dict.fromkeys(MISSING_REASONS, 0) for e in self.experts}
         if self._row is not None:
-            src = self._load_memory() if self.in_memory else self._file()
+            index = self._index_arrays()
             rows = np.array([self._index(v) for v in video_ids], dtype=np.int64)
             for e in self.experts:
-                codes = np.asarray(src[e]["missing"][()])[rows]
+                codes = index[e]["missing"][rows]
                 for j, reason in enumerate(MISSING_REASONS):
                     counts[e][reason] = int((codes == j + 1).sum())
             return counts
