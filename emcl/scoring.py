@@ -198,13 +198,10 @@ def embedding_score_matrix(
     - ``none``: ``pair_fn`` on the embeddings as they are (no EM).
     """
     lo, hi = rank_rows(t.shape[0], block, rank, world_size)
-    if mode == "paper":
-        tt, vv = paper_block_embeddings(em_fn, t, v, block)
-        rows = [_pair_call(pair_fn, tt[i : i + 256], vv, _index(extra, slice(i, i + 256)))
-                for i in range(lo, hi, 256)]
-    elif mode == "none":
-        rows = [_pair_call(pair_fn, t[i : i + 256], v, _index(extra, slice(i, i + 256)))
-                for i in range(lo, hi, 256)]
+    if mode in ("paper", "none"):
+        tt, vv = paper_block_embeddings(em_fn, t, v, block) if mode == "paper" else (t, v)
+        spans = [(i, min(hi, i + 256)) for i in range(lo, hi, 256)]
+        rows = [_pair_call(pair_fn, tt[i:j], vv, _index(extra, slice(i, j))) for i, j in spans]
     elif mode == "query":
         chunk = chunk or 8
         rows = []

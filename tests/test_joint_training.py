@@ -110,6 +110,16 @@ def test_paper_policy_is_em_per_block_of_matched_pairs(embeddings):
         b = min(32, 70 - s)
         vv[s : s + b], tt[s : s + b] = y[:b], y[b:]
     torch.testing.assert_close(sim, _pair(tt, vv, w), atol=1e-5, rtol=0)
+    for mode in ("paper", "none"):  # rows dealt to ranks in whole blocks: 64 + 6
+        full = embedding_score_matrix(model.em_transform, _pair, t, v, extra=w, mode=mode, block=32)
+        parts = [
+            embedding_score_matrix(
+                model.em_transform, _pair, t, v, extra=w, mode=mode, block=32, rank=r, world_size=2
+            )
+            for r in (0, 1)
+        ]
+        assert [len(x) for x in parts] == [64, 6]
+        torch.testing.assert_close(torch.cat(parts), full, atol=0, rtol=0)
     # training and the paper block agree: a batch's similarity is the same transform (mu untouched in eval)
     torch.testing.assert_close(model.similarity(t[:32], w[:32], v[:32]), sim[:32, :32], atol=1e-5, rtol=0)
     # the reference's transduction: a text's scores change when its block's videos change
