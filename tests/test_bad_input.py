@@ -109,8 +109,15 @@ def concurrent(data, tmp_path_factory):
     b_code, b_err = cli(flags(data, out, "--seed", "2"))
     b_running_after = a.poll() is None
     a_out, a_err = a.communicate(timeout=600)
-    return {"out": out, "a": a, "a_err": a_err, "holder": holder, "b_code": b_code, "b_err": b_err,
-            "a_still_running": b_running_after}
+    return {
+        "out": out,
+        "a": a,
+        "a_err": a_err,
+        "holder": holder,
+        "b_code": b_code,
+        "b_err": b_err,
+        "a_still_running": b_running_after,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +132,10 @@ def test_second_run_in_a_folder_stops_with_the_lock_error(concurrent, finished):
     assert holder["pid"] == concurrent["a"].pid
     assert concurrent["b_code"] == 2
     line = error_line(concurrent["b_err"])
-    assert line.startswith(f"error: output folder {out} is in use by another run: pid {holder['pid']} on "
-                           f"host {holder['host']}, started {holder['started']}")
+    assert line.startswith(
+        f"error: output folder {out} is in use by another run: pid {holder['pid']} on "
+        f"host {holder['host']}, started {holder['started']}"
+    )
     assert concurrent["a_still_running"]  # B gave up while A was still working
     # A finished normally and every file is A's
     metrics = json.loads((finished / "metrics.json").read_text())
@@ -136,10 +145,76 @@ def test_second_run_in_a_folder_stops_with_the_lock_error(concurrent, finished):
     assert not (finished / ".run.lock").exists()
 
 
+def test_busy_folder_is_refused_before_the_heavy_imports(data, tmp_path):
+    """``python -m ...`` checks the lock before importing torch, so a second run stops at once."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() + 5))
+        rec = {
+            "pid": holder.pid,
+            "host": os.uname().nodename,
+            "started": started,
+            "argv": ["x"],
+            "token": "t",
+        }
+        (out / ".run.lock").write_text(json.dumps(rec))
+        code = (
+            "import runpy, sys; sys.argv = ['x', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('%s', run_name='__main__')\n"
+            "finally:\n    print('torch imported' if 'torch' in sys.modules else 'torch not imported')"
+        ).replace("%s", MODULE)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *flags(data, out)], cwd=ROOT, env=env(), capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+    assert proc.returncode == 2
+    assert error_line(proc.stderr).startswith(
+        f"error: output folder {out} is in use by another run: pid {holder.pid}"
+    )
+    assert "torch not imported" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock"]
+
+
+def test_stale_lock_is_reported_with_the_rm_command_and_taken_over_by_resume(data, finished, tmp_path):
+    out = tmp_path / "killed"
+    shutil.copytree(finished, out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {
+        "pid": dead.pid,
+        "host": os.uname().nodename,
+        "started": "2026-01-01T00:00:00+00:00",
+        "argv": ["main_task_retrieval.py"],
+        "token": "x",
+    }
+    (out / ".run.lock").write_text(json.dumps(stale))
+    code, err = cli(flags(data, out, "--seed", "1"))
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(
+        f"error: output folder {out} has a stale lock: the run that took it (pid {dead.pid}"
+    )
+    assert line.endswith(f"clear the lock with: rm {out / '.run.lock'}")
+    code, err = cli(flags(data, out, "--seed", "1", "--resume"))  # a requeued job takes it over
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == str(out / "checkpoint_last.pt")
+    assert not (out / ".run.lock").exists()
+
+
 def test_finished_folder_is_not_reused_and_errors_are_one_line(data, finished):
     before = {n: (finished / n).read_bytes() for n in ("metrics.json", "config.yaml")}
-    proc = subprocess.run([sys.executable, "-m", MODULE, *flags(data, finished, "--seed", "3")], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", MODULE, *flags(data, finished, "--seed", "3")],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: output folder {finished} already holds a finished run (metrics.json says finished). Pass "
@@ -177,8 +252,11 @@ def test_resume_without_a_checkpoint_starts_fresh_and_says_so(data, tmp_path):
 def test_resume_with_other_settings_is_refused_before_anything_is_written(data, finished):
     names = ("metrics.json", "config.yaml", "checkpoint_last.pt")
     before = {n: (finished / n).stat().st_mtime_ns for n in names}
-    code, err = cli(flags(data, finished, "--seed", "1", "--resume", "--lr", "0.01", "--msrvtt_train", "7k",
-                          "--epochs", "3"))
+    code, err = cli(
+        flags(
+            data, finished, "--seed", "1", "--resume", "--lr", "0.01", "--msrvtt_train", "7k", "--epochs", "3"
+        )
+    )
     assert code == 2
     line = error_line(err)
     ck = finished / "checkpoint_last.pt"
@@ -192,11 +270,13 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(data, 
 def test_init_model_from_another_architecture(data, finished, tmp_path):
     ck = finished / "checkpoint_last.pt"
     # fine-tuning: the weights must fit the model these settings build
-    code, err = cli(flags(data, tmp_path / "k", "--do_train", "1", "--init_model", str(ck),
-                          "--centerK", "16"))
+    code, err = cli(
+        flags(data, tmp_path / "k", "--do_train", "1", "--init_model", str(ck), "--centerK", "16")
+    )
     assert code == 2
-    assert error_line(err).startswith(f"error: --init_model {ck} was trained with other settings (old → this "
-                                      "run): centerK: 32 → 16.")
+    assert error_line(err).startswith(
+        f"error: --init_model {ck} was trained with other settings (old → this run): centerK: 32 → 16."
+    )
     no_results(tmp_path / "k")
     # another head count inside clip_config: loads silently without the check
     config = yaml.safe_load((ROOT / "configs/synthetic.yaml").read_text())
@@ -208,20 +288,25 @@ def test_init_model_from_another_architecture(data, finished, tmp_path):
     assert code == 2 and "clip_config.vision_heads: 2 → 4" in error_line(err)
     no_results(tmp_path / "h")
     # evaluation only: a weight-defining flag given explicitly must agree with the checkpoint
-    code, err = cli(flags(data, tmp_path / "e", "--do_eval", "1", "--init_model", str(ck),
-                          "--agg_layers", "2"))
+    code, err = cli(
+        flags(data, tmp_path / "e", "--do_eval", "1", "--init_model", str(ck), "--agg_layers", "2")
+    )
     assert code == 2
-    assert error_line(err) == (f"error: {ck} cannot be evaluated with these settings: agg_layers: 1 in the "
-                               "checkpoint, 2 given")
+    assert error_line(err) == (
+        f"error: {ck} cannot be evaluated with these settings: agg_layers: 1 in the checkpoint, 2 given"
+    )
     no_results(tmp_path / "e")
     # a checkpoint without its settings (another tool's): the size mismatch names the file
     bare = tmp_path / "bare.pt"
     torch.save({"model": torch.load(ck, weights_only=False)["model"]}, bare)
-    code, err = cli(flags(data, tmp_path / "b", "--do_train", "1", "--init_model", str(bare),
-                          "--centerK", "16"))
+    code, err = cli(
+        flags(data, tmp_path / "b", "--do_train", "1", "--init_model", str(bare), "--centerK", "16")
+    )
     assert code == 2
-    assert error_line(err) == (f"error: {bare} does not fit the model these settings build: 1 tensor(s) of "
-                               "another shape: emcl.mu: (1, 32) in the file, (1, 16) in the model")
+    assert error_line(err) == (
+        f"error: {bare} does not fit the model these settings build: 1 tensor(s) of "
+        "another shape: emcl.mu: (1, 32) in the file, (1, 16) in the model"
+    )
     no_results(tmp_path / "b")
 
 
@@ -283,13 +368,17 @@ def test_unreadable_videos_are_named_and_bounded(unreadable_train, tmp_path):
     code, err = cli(flags(unreadable_train, out, "--skip_bad_videos", "--overwrite"))
     assert code == 2
     line = error_line(err)
-    assert re.search(r"error: train: \d+ of 16 videos are unreadable \([0-9.]+% > --max_skip_fraction 0.05\)"
-                     r"; first: video\d+", line), line
+    assert re.search(
+        r"error: train: \d+ of 16 videos \([0-9.]+%\) are unreadable, more than "
+        r"--max_skip_fraction 0.05 allows \(0\): video\d+",
+        line,
+    ), line
     no_results(out)
     code, err = cli(flags(unreadable_train, out, "--skip_bad_videos", "--max_skip_fraction", "1"))
     assert code == 2
-    assert error_line(err).startswith("error: epoch 1 took no training step: every batch was skipped "
-                                      "(16 unreadable video(s): ")
+    assert error_line(err).startswith(
+        "error: epoch 1 took no training step: every batch was skipped (16 unreadable video(s): "
+    )
     no_results(out)
 
 
@@ -329,8 +418,10 @@ def test_missing_or_empty_test_video_fails_before_step_1(copy_of, tmp_path):
     out = tmp_path / "o"
     code, err = cli(flags(copy_of, out))
     assert code == 2
-    assert error_line(err) == (f"error: msrvtt/test: 2 of 8 videos cannot be used (looked in folder "
-                               f"{copy_of / 'videos'}): {first} (missing); {second} (empty (0 bytes))")
+    assert error_line(err) == (
+        f"error: msrvtt/test: 2 of 8 videos cannot be used (looked in folder "
+        f"{copy_of / 'videos'}): {first} (missing); {second} (empty (0 bytes))"
+    )
     assert not _trained(out)
     no_results(out)
 
@@ -371,8 +462,10 @@ def test_clip_config_typo_names_the_key(data, tmp_path):
     code, err = cli(argv)
     assert code == 2
     line = error_line(err)
-    assert line.startswith(f"error: {path}: clip_config: unknown key(s) 'vision_widht' (did you mean "
-                           "'vision_width'?); allowed keys: embed_dim, image_size, patch_size, vision_width")
+    assert line.startswith(
+        f"error: {path}: clip_config: unknown key(s) 'vision_widht' (did you mean "
+        "'vision_width'?); allowed keys: embed_dim, image_size, patch_size, vision_width"
+    )
     no_results(tmp_path / "o")
     assert not (tmp_path / "o" / "config.yaml").exists()
 
@@ -405,3 +498,19 @@ def test_read_only_output_folder_fails_before_any_work(data, tmp_path):
     finally:
         out.chmod(0o755)
     assert code == 2 and "not writable" in error_line(err) and str(out) in error_line(err)
+
+
+def test_synthetic_section_typo_names_the_key(tmp_path):
+    config = yaml.safe_load((ROOT / "configs/synthetic.yaml").read_text())
+    config["synthetic"]["out"] = str(tmp_path / "syn")
+    config["synthetic"]["num_video"] = config["synthetic"].pop("num_videos")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = cli(["--config", str(path), "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2
+    assert error_line(err).startswith(
+        f"error: {path}: synthetic: unknown key(s) 'num_video' (did you mean "
+        "'num_videos'?); allowed keys: num_videos, seed, split_sizes"
+    )
+    assert not (tmp_path / "syn").exists()
+    no_results(tmp_path / "o")

@@ -511,3 +511,43 @@ def test_state_dict_mismatch_is_one_line():
     )
     many = {f"k{i}": torch.zeros(1) for i in range(7)}
     assert state_dict_mismatch({}, many, limit=2) == "7 unexpected: k0, k1 (and 5 more)"
+
+
+def test_take_stale_takes_over_only_a_dead_holder(tmp_path):
+    dead = {"pid": _dead_pid(), "host": socket.gethostname(), "started": "2026-01-01T00:00:00+00:00",
+            "argv": [], "token": "old"}
+    (tmp_path / ".run.lock").write_text(json.dumps(dead))
+    with pytest.raises(UserError, match="Pass --resume to continue that run"):
+        RunLock(tmp_path).acquire()
+    with RunLock(tmp_path).acquire(take_stale=True) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        with pytest.raises(UserError, match="in use by another run"):  # a live holder is never taken
+            RunLock(tmp_path).acquire(take_stale=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_remove_stale_puts_back_a_lock_that_changed(tmp_path):
+    # two requeued jobs race for the same stale lock: the one that finds a fresh lock must not remove it
+    lock = RunLock(tmp_path)
+    fresh = {"pid": os.getpid(), "host": "h", "token": "fresh"}
+    lock.path.write_text(json.dumps(fresh))
+    assert lock._remove_stale({"pid": 1, "host": "h", "token": "stale"}) is False
+    assert json.loads(lock.path.read_text()) == fresh
+    assert [p.name for p in tmp_path.iterdir()] == [".run.lock"]
+    assert lock._remove_stale(fresh) is True and list(tmp_path.iterdir()) == []
+
+
+def test_check_keys_for_nested_config_sections():
+    from emcl.train.config import check_keys
+
+    allowed = ["num_videos", "seed", "frames", "out"]
+    assert check_keys({"num_videos": 3, "seed": 0}, allowed, "c.yaml: synthetic", ["num_videos"]) == {
+        "num_videos": 3, "seed": 0}
+    expected = (r"c.yaml: synthetic: unknown key\(s\) 'frame' \(did you mean 'frames'\?\); "
+                r"allowed keys: num_videos, seed, frames, out")
+    with pytest.raises(UserError, match=expected):
+        check_keys({"frame": 3}, allowed, "c.yaml: synthetic")
+    with pytest.raises(UserError, match=r"missing required key\(s\) seed"):
+        check_keys({"num_videos": 3}, allowed, "s", ["num_videos", "seed"])
+    with pytest.raises(UserError, match="s: expected a mapping, got list"):
+        check_keys([1], allowed, "s")

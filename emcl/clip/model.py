@@ -19,6 +19,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from .memory import checkpoint_blocks, checkpoint_level, lean_activations
+
 
 def default_heads(width: int) -> int:
     """OpenAI's head count rule (64-wide heads), at least one head for tiny test models."""
@@ -114,10 +116,29 @@ class CLIPBackbone(nn.Module):
         return features.view(batch, num_frames, -1)
 
     # ---------------------------------------------------------------- memory
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute transformer blocks in the backward pass (both towers) to save activation memory."""
-        self.visual.set_grad_checkpointing(enable)
-        self.transformer.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True, layers: int | None = None) -> None:
+        """Recompute parts of the transformer blocks in the backward pass, in both towers.
+
+        ``enable``: True / ``"blocks"`` (whole blocks), ``"mlp"`` (LayerNorm 2 + MLP), ``"attn"``
+        (LayerNorm 1 + attention), False / ``"none"``; ``layers``: only the first N blocks of each tower
+        (None: all). See :mod:`emcl.clip.memory` for what each level saves.
+        """
+        checkpoint_blocks(self.visual.transformer, enable, layers)
+        checkpoint_blocks(self.transformer, enable, layers)
+
+    @property
+    def grad_checkpointing(self) -> tuple[str, int]:
+        """``(level, blocks per tower)`` of activation checkpointing (``("none", 0)`` when off)."""
+        return checkpoint_level(self.visual.transformer)
+
+    def set_lean_activations(self, enable: bool = True) -> int:
+        """Keep fewer saved tensors in training (QuickGELU keeps its input only, LayerNorm no float32 copy
+        under autocast); same weights and keys. Returns the number of modules switched."""
+        return (
+            lean_activations(self.visual, enable)
+            + lean_activations(self.transformer, enable)
+            + (lean_activations(self.ln_final, enable))
+        )
 
     # ------------------------------------------------------------- accessors
     @property

@@ -21,6 +21,7 @@ import yaml
 from emcl.errors import UserValueError
 
 __all__ = [
+    "check_keys",
     "fraction",
     "load_yaml",
     "nonneg_float",
@@ -152,13 +153,18 @@ def _validate(action: argparse.Action, key: str, value: Any, source: str) -> Any
         raise UserValueError(f"config {source}: {key}: {e}") from None
 
 
-def _unknown_message(source: str, unknown: list[str], known: Iterable[str]) -> str:
+def _unknown_keys(unknown: list[str], known: Iterable[str], what: str = "key(s)") -> str:
+    """``unknown key(s) 'lamda' (did you mean 'lamd'?)``."""
     known = sorted(known)
     parts = []
     for key in unknown:
         close = difflib.get_close_matches(key, known, n=1)
         parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return f"config {source}: unknown option(s) {', '.join(parts)}"
+    return f"unknown {what} {', '.join(parts)}"
+
+
+def _unknown_message(source: str, unknown: list[str], known: Iterable[str]) -> str:
+    return f"config {source}: {_unknown_keys(unknown, known, 'option(s)')}"
 
 
 def parse_args(
@@ -193,3 +199,22 @@ def parse_args(
     for k, v in extras.items():
         setattr(args, k, v)
     return args
+
+
+def check_keys(
+    mapping: Any, allowed: Iterable[str], source: str, required: Iterable[str] = ()
+) -> dict[str, Any]:
+    """A nested config mapping (e.g. ``synthetic:``) with only ``allowed`` keys and every ``required`` one;
+    else :class:`~emcl.errors.UserValueError` naming ``source``, the key (with a close match) and the
+    allowed keys. Returns it as a dict."""
+    if not isinstance(mapping, dict):
+        raise UserValueError(f"{source}: expected a mapping, got {type(mapping).__name__}")
+    allowed = list(allowed)
+    unknown = [str(k) for k in mapping if k not in allowed]
+    if unknown:
+        listed = ", ".join(allowed)
+        raise UserValueError(f"{source}: {_unknown_keys(unknown, allowed)}; allowed keys: {listed}")
+    missing = [k for k in required if k not in mapping]
+    if missing:
+        raise UserValueError(f"{source}: missing required key(s) {', '.join(missing)}")
+    return dict(mapping)

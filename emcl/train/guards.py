@@ -177,9 +177,8 @@ class RunLock:
             if self._stale(rec):
                 return UserError(
                     f"output folder {self.output_dir} has a stale lock: the run that took it "
-                    f"({self._describe(rec)}) is no longer running. Check its results, then clear the "
-                    f"lock with: {self._rm()} (use --resume to continue that run or --overwrite to "
-                    "start again)"
+                    f"({self._describe(rec)}) is no longer running. Pass --resume to continue that run "
+                    f"(it takes the lock over), or check its results and clear the lock with: {self._rm()}"
                 )
             return UserError(
                 f"output folder {self.output_dir} is in use by another run: {self._describe(rec)}. "
@@ -216,9 +215,10 @@ class RunLock:
                     if rec is not None or not self.path.exists():
                         break
             if take_stale and rec is not None and self._stale(rec):
-                log.warning("taking over the stale lock of a run that is gone (%s)", self._describe(rec))
-                self.path.unlink(missing_ok=True)
-                return self.acquire()
+                if self._remove_stale(rec):
+                    log.warning("taking over the stale lock of a run that is gone (%s)", self._describe(rec))
+                    return self.acquire()
+                rec = self.read()  # another run took it over first
             raise self._holder_error(rec) from None
         except OSError as e:
             raise UserError(f"output folder {self.output_dir} is not writable: cannot create "
@@ -241,6 +241,26 @@ class RunLock:
             atexit.register(self.release)
             self._atexit_registered = True
         return self
+
+    def _remove_stale(self, rec: dict[str, Any]) -> bool:
+        """Remove the lock file if it still holds the stale record ``rec``; two runs taking over the same
+        stale lock cannot both succeed (the file is renamed away first, atomically)."""
+        aside = self.path.with_name(f"{LOCK_NAME}.stale.{uuid.uuid4().hex}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it: race for a fresh one
+        try:
+            same = json.loads(aside.read_text()) == rec
+        except (OSError, ValueError):
+            same = False
+        if same:
+            aside.unlink(missing_ok=True)
+            return True
+        with contextlib.suppress(FileExistsError):  # a fresh lock of another run: put it back (no clobber)
+            os.link(aside, self.path)
+        aside.unlink(missing_ok=True)
+        return False
 
     def release(self) -> None:
         """Remove the lock if this process holds it and the file is still the one it wrote."""
@@ -530,3 +550,40 @@ def state_dict_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], 
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
     return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- preflight
+def _argv_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def refuse_busy_output_dir(argv: list[str]) -> None:
+    """Exit with status 2 at once when another live run holds ``--output_dir``'s lock.
+
+    Called by the entry points before their heavy imports (torch, open_clip: seconds), so a second run
+    started on a busy folder stops within a second. Only a live holder is refused here; a stale lock,
+    a free folder or an unreadable config go on to the full checks of the run loop.
+    """
+    out = _argv_value(argv, "--output_dir")
+    config = _argv_value(argv, "--config")
+    if out is None and config:
+        try:
+            import yaml
+
+            with open(config) as fh:
+                out = (yaml.safe_load(fh) or {}).get("output_dir")
+        except Exception:  # the run loop reports a bad config properly
+            return
+    if not out:
+        return
+    lock = RunLock(out)
+    rec = lock.read()
+    if rec is None or lock._stale(rec):
+        return
+    print(f"error: {lock._holder_error(rec)}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

@@ -321,14 +321,12 @@ class _TensorBoard:
 
 
 def check_skip_fraction(skipped_ids: set[str] | list[str], total: int, what: str, cfg) -> None:
-    """Stop once more than ``--max_skip_fraction`` of a split's videos proved unreadable."""
-    n = len(skipped_ids)
-    if total and n / total > cfg.max_skip_fraction:
-        first = ", ".join(sorted(skipped_ids)[:10])
-        raise UserError(
-            f"{what}: {n} of {total} videos are unreadable ({n / total:.1%} > --max_skip_fraction "
-            f"{cfg.max_skip_fraction:g}); first: {first}. Fix or remove them, or raise --max_skip_fraction"
-        )
+    """Stop once more than ``--max_skip_fraction`` of a split's videos proved unreadable (the rule and the
+    message are :class:`emcl.data.video.SkipBudget`'s)."""
+    if total:
+        from emcl.data.video import SkipBudget
+
+        SkipBudget(total, cfg.max_skip_fraction, what).add(sorted(skipped_ids))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -404,11 +402,6 @@ def train(
     elif cfg.resume:
         log.warning("--resume: no %s yet, starting from scratch", last)
 
-    if cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda"):
-        from emcl.train.compile import compile_modules
-
-        targets = task.compile_targets(model) if task.compile_targets else [model]
-        cfg._compiled = compile_modules(targets, cfg.compile, device)
     ddp = model
     if info.world_size > 1:
         ddp = DistributedDataParallel(
@@ -601,6 +594,8 @@ def run(task: Task, argv: Sequence[str] | None = None, description: str | None =
     finally:
         if lock is not None:
             lock.release()
+        if "emcl.train.compile" in sys.modules:  # inductor's worker pool must not hold the process at exit
+            sys.modules["emcl.train.compile"].release_compile_workers()
         dist.cleanup()
 
 
@@ -645,6 +640,7 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
         log.info("loaded %s", cfg.init_model)
         del init_ck
     model.to(info.device)
+    _compile(task, cfg, model, info.device)
     if info.is_main:  # once the settings have built a model (a bad clip_config leaves no config.yaml)
         save_yaml(config_dict(cfg), out / "config.yaml")
 
@@ -675,6 +671,18 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
             _draw_curves(out)
     dist.barrier()
     return metrics
+
+
+def _compile(task: Task, cfg: argparse.Namespace, model: nn.Module, device: torch.device) -> None:
+    """``--compile`` (auto: on CUDA): the task's modules compiled in place (keys unchanged), for training
+    and evaluation alike; a failed compile falls back to eager with one warning."""
+    if not (cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")):
+        return
+    from emcl.train.compile import compile_modules, set_activation_memory_budget
+
+    set_activation_memory_budget(getattr(cfg, "memory_budget", None))
+    targets = task.compile_targets(model) if task.compile_targets else [model]
+    cfg._compiled = compile_modules(targets, cfg.compile, device)
 
 
 def _draw_curves(out: Path) -> None:

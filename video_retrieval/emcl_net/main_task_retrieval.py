@@ -13,7 +13,15 @@ Outputs in ``--output_dir``: ``config.yaml``, ``train.log``, ``metrics.json``, `
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a busy --output_dir stops the run before the imports below take seconds
+    from emcl.train.guards import refuse_busy_output_dir
+
+    refuse_busy_output_dir(sys.argv[1:])
+
 import argparse
+import inspect
 import logging
 import time
 from functools import partial
@@ -40,8 +48,9 @@ from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing
 from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
-from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
+from emcl.train.config import check_keys, fraction, nonneg_float, positive_float, positive_int
 from emcl.train.errors import UserError, cli_main
+from emcl.train.features import pad_rows, prefetch_to_device
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
 from emcl.train.runner import Task, check_skip_fraction, run
@@ -104,7 +113,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=(0, 1),
         help="other captions of the same video in a batch are positives, not negatives (reference: 0)",
     )
-    a("--grad_checkpointing", action="store_true")
+    a(
+        "--grad_checkpointing",
+        nargs="?",
+        const="blocks",
+        default="none",
+        choices=("none", "blocks", "attn", "mlp"),
+        help="recompute CLIP activations in the backward pass: whole blocks (the bare flag), or only their "
+        "attention or MLP parts (PERFORMANCE.md)",
+    )
+    a("--checkpoint_layers", type=positive_int, default=None, help="checkpoint only the first N blocks")
+    a("--lean_activations", type=int, default=0, choices=(0, 1), help="fewer saved activations (same math)")
+    a("--memory_budget", type=fraction, default=None, help="compiled runs: activation-memory budget (0..1)")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -115,9 +135,7 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
         clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
     else:
         clip = load_clip(cfg.clip_path)
-    if cfg.grad_checkpointing:
-        clip.set_grad_checkpointing(True)
-    return EMCLNet(
+    model = EMCLNet(
         clip,
         agg_module=cfg.agg_module,
         agg_layers=cfg.agg_layers,
@@ -131,6 +149,11 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
         em_init=cfg.em_init,
         seed=cfg.seed,
     )
+    # after the head is built: the frame transformer's copies of the text blocks are not checkpointed
+    model.clip.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", "none"), cfg.checkpoint_layers)
+    if cfg.lean_activations:
+        model.clip.set_lean_activations(True)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -144,7 +167,13 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     from emcl.data.cache import build_cache
     from emcl.data.synthetic import make_synthetic
 
-    syn = dict(cfg.synthetic)
+    params = inspect.signature(make_synthetic).parameters
+    syn = check_keys(
+        cfg.synthetic,
+        [*(k for k in params if k not in ("out", "format")), "out", "frame_cache"],
+        f"{cfg.config or 'config'}: synthetic",
+        required=[k for k, p in params.items() if p.default is p.empty and k != "out"],
+    )
     out = Path(syn.pop("out", "data/synthetic"))
     use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
     rounding = index_rounding(cfg)
@@ -231,21 +260,23 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
         workers=cfg.workers,
         distributed=False,
     )
+    # batches copied ahead on a side stream; when compiled, the last short batch is padded to one shape
+    pad = getattr(cfg, "_compiled", False)
     t_parts, t_idx = [], []
-    for b in text_loader:
+    for b in prefetch_to_device(text_loader, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["caption_index"]))
         with autocast(device, cfg.precision):
-            t_parts.append(model.encode_text(b["text_ids"].to(device), b["text_mask"].to(device)).float())
-        t_idx.append(b["caption_index"].to(device))
+            t_parts.append(model.encode_text(b["text_ids"], b["text_mask"])[:n].float())
+        t_idx.append(b["caption_index"][:n])
     f_parts, m_parts, v_idx, valid = [], [], [], []
     bar = tqdm(video_loader, desc=f"features {split.split}", disable=not info.is_main, leave=False)
-    for b in bar:
-        frames = b["frames"].to(device, non_blocking=True)
-        mask = b["frame_mask"].to(device, non_blocking=True)
+    for b in prefetch_to_device(bar, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["video_index"]))
         with autocast(device, cfg.precision):
-            f_parts.append(model.encode_video(frames, mask).float())
-        m_parts.append(mask)
-        v_idx.append(b["video_index"].to(device))
-        valid.append(b["valid"].to(device))
+            f_parts.append(model.encode_video(b["frames"], b["frame_mask"])[:n].float())
+        m_parts.append(b["frame_mask"][:n])
+        v_idx.append(b["video_index"][:n])
+        valid.append(b["valid"][:n])
     d, n_frames = model.clip.embed_dim, cfg.max_frames
 
     def cat(parts, shape, dtype):
