@@ -260,3 +260,23 @@ def test_meanp_scores_are_cosines_of_mean_pooled_frames_after_em():
     x = em.eval()(torch.cat([v, t]))
     want = F.normalize(x[7:], dim=-1) @ F.normalize(x[:7], dim=-1).t()
     torch.testing.assert_close(emcl_scores(t, f, mask, em, temp=3.0, pool="mean"), want)
+
+
+def test_steplr_per_epoch_as_a_per_step_schedule_and_the_baseline_normalises():
+    from argparse import Namespace
+
+    from video_retrieval.joint_training.main_task_joint import _normalize, build_optimizer
+
+    cfg = Namespace(lr=5e-5, weight_decay=0.0, gamma=0.9)
+    opt, sched = build_optimizer(torch.nn.Linear(2, 2), cfg, total_steps=9, steps_per_epoch=3)
+    lrs = []
+    for _ in range(9):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([5e-5] * 3 + [4.5e-5] * 3 + [4.05e-5] * 3)  # gamma once per epoch
+    assert isinstance(opt, torch.optim.Adam) and not isinstance(opt, torch.optim.AdamW)
+    # "MMT without EMCL" L2-normalises the experts; with EMCL the layer's output is normalised instead
+    assert _normalize(Namespace(normalize_experts="auto", use_emcl=0))
+    assert not _normalize(Namespace(normalize_experts="auto", use_emcl=1))
+    assert _normalize(Namespace(normalize_experts="1", use_emcl=1))
