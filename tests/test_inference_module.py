@@ -676,3 +676,14 @@ def test_clip2video_under_torchrun_matches_one_process(clip2video_case, tmp_path
     for name in ("text_emb", "video_emb", "tab_text_emb", "tab_video_emb"):
         a, b = np.load(tmp_path / "one" / f"{name}.npy"), np.load(tmp_path / "two" / f"{name}.npy")
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_shipped_config_parses_with_reference_defaults():
+    config = str(REPO / "configs" / "inference_clip2video.yaml")
+    cfg = inference.parse(
+        ["--config", config, "--checkpoint", "CK", "--model_num", "2", "--output_dir", "out"]
+    )
+    got = (cfg.K, cfg.stage_num, cfg.lamd, cfg.beta, cfg.seed, cfg.eval_block, cfg.eval_block_size)
+    assert got == (7, 10, 0.1, 4, 42, "paper", 64)
+    assert (cfg.centerK, cfg.center_weight, cfg.max_frames, cfg.feature_framerate) == (5, 0.5, 12, 2)
+    assert cfg.source == "clip2video"
