@@ -360,6 +360,11 @@ def config_dict(cfg: argparse.Namespace) -> dict[str, Any]:
     return dict(vars(cfg))
 
 
+def _group_lr(optimizer, prefix: str) -> float | None:
+    """Current learning rate of the first parameter group whose name starts with ``prefix``."""
+    return next((g["lr"] for g in optimizer.param_groups if str(g.get("name", "")).startswith(prefix)), None)
+
+
 def select_key(results: dict) -> tuple[float, float, float]:
     """Model selection on text-to-video R@1, then R@5 and R@10 as tie-breakers."""
     r = results["t2v"]
@@ -510,6 +515,9 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
             "epoch": epoch + 1,
             "step": step,
             "loss": epoch_loss,
+            # learning rates at the end of the epoch: the new parameters' and the backbone's
+            "lr": _group_lr(optimizer, "new"),
+            "lr_backbone": _group_lr(optimizer, "backbone"),
             "skipped_videos": len(skipped_ids),
             "skipped_samples": skipped,
         }
