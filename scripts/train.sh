@@ -9,6 +9,9 @@ dataset=${1:?dataset}; anno=${2:?annotation folder}; videos=${3:?video folder}; 
 shift $(( $# < 4 ? $# : 4 ))
 cd "$(dirname "$0")/.."
 [ -f "configs/$dataset.yaml" ] || { echo "no config configs/$dataset.yaml" >&2; exit 2; }
-exec torchrun --standalone --nproc_per_node="$gpus" -m video_retrieval.emcl_net.main_task_retrieval \
+out="runs/${dataset}_${gpus}gpu"
+torchrun --standalone --nproc_per_node="$gpus" -m video_retrieval.emcl_net.main_task_retrieval \
   --config "configs/$dataset.yaml" --anno_path "$anno" --video_path "$videos" \
-  --output_dir "runs/${dataset}_${gpus}gpu" "$@"
+  --output_dir "$out" "$@"
+echo "finished: $out/metrics.json. The paper's table from every finished run, beside the paper's numbers:"
+echo "  python scripts/paper_table.py runs/*/metrics.json --out runs/paper_table"
