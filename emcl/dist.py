@@ -52,13 +52,26 @@ _MAX_DIMS = 8
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process sits: global rank, world size, rank on its node, its device."""
+    """Where this process sits: global rank, world size, rank on its node, its device.
+
+    Multi-node runs: ``rank`` / ``is_main`` are global (one process in the whole job), ``local_rank`` is
+    the process's index on its own node and only chooses the GPU. Everything done once per run (log
+    file, config, checkpoints, metrics, building a frame cache or synthetic data on shared storage)
+    belongs to ``is_main``; ``is_local_main`` (one process per node) is only for node-local scratch.
+    Several nodes writing the same output folder need it on a shared file system (every rank reads the
+    selected checkpoint back from it).
+    """
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     is_main: bool
+
+    @property
+    def is_local_main(self) -> bool:
+        """True on the first process of each node (node-local work only; see the class docstring)."""
+        return self.local_rank == 0
 
 
 def _env_int(name: str, default: int | None) -> int:
@@ -81,10 +94,12 @@ def init_distributed(
 ) -> DistInfo:
     """Set up this process from torchrun's RANK / WORLD_SIZE / LOCAL_RANK (defaults 0 / 1 / 0).
 
-    ``device`` None → CUDA if available, else CPU. With a CUDA device and WORLD_SIZE > 1 the process uses
-    ``cuda:LOCAL_RANK`` (an explicit index in ``device`` is ignored then). With WORLD_SIZE > 1 the process
-    group is created (NCCL for CUDA, gloo for CPU) from ``init_method`` (default ``env://``, i.e.
-    MASTER_ADDR / MASTER_PORT); an already initialised group is reused. WORLD_SIZE 1 creates no group.
+    RANK is global (across nodes), LOCAL_RANK the index on this node: the rank decides rank-0 work
+    (``DistInfo.is_main``), the local rank only the GPU. ``device`` None → CUDA if available, else CPU.
+    With a CUDA device and WORLD_SIZE > 1 the process uses ``cuda:LOCAL_RANK`` (an explicit index in
+    ``device`` is ignored then). With WORLD_SIZE > 1 the process group is created (NCCL for CUDA, gloo
+    for CPU) from ``init_method`` (default ``env://``, i.e. MASTER_ADDR / MASTER_PORT, which torchrun's
+    rendezvous sets on every node); an already initialised group is reused. WORLD_SIZE 1 creates no group.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size < 1:
@@ -93,6 +108,8 @@ def init_distributed(
     local_rank = _env_int("LOCAL_RANK", rank if world_size == 1 else None)
     if not 0 <= rank < world_size:
         raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world_size})")
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank} is negative")
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,7 +118,7 @@ def init_distributed(
         if not torch.cuda.is_available():
             raise RuntimeError(f"device {str(device)!r} requested but CUDA is not available")
         if world_size > 1 or dev.index is None:
-            dev = torch.device("cuda", local_rank)
+            dev = torch.device("cuda", local_rank)  # the GPU follows the node-local rank, never RANK
         if dev.index >= torch.cuda.device_count():
             raise RuntimeError(
                 f"cuda:{dev.index} requested (LOCAL_RANK={local_rank}) but only "
@@ -125,7 +142,13 @@ def init_distributed(
             f"existing process group (rank {dist.get_rank()}, world {dist.get_world_size()}) disagrees with "
             f"RANK={rank} WORLD_SIZE={world_size}"
         )
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
+    return DistInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=dev,
+        is_main=rank == 0,
+    )
 
 
 def is_dist() -> bool:

@@ -4,12 +4,13 @@ crash) never leaves half a file. Used for checkpoints, result files and generate
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 
@@ -37,12 +38,39 @@ def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
 
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` atomically."""
+    import torch  # here, so that the JSON/YAML writers (and the run lock) load without torch
+
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def nonfinite_paths(obj: Any, prefix: str = "") -> list[str]:
+    """Where ``obj`` (nested dicts, lists, tuples) holds a NaN or infinite float: ``"a.b[2]=nan"`` each."""
+    found: list[str] = []
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            found.append(f"{prefix or '<value>'}={obj}")
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            found += nonfinite_paths(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += nonfinite_paths(v, f"{prefix}[{i}]")
+    return found
+
+
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
-    """JSON (indented, sorted keys kept in insertion order) written atomically."""
-    return atomic_write(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """Strict JSON (indented, keys in insertion order) written atomically.
+
+    A NaN or infinite float is refused, not written: ``ValueError`` naming the file and each key path
+    (``train.history[0].loss=nan``). Results must never hold NaN, and ``NaN`` is not JSON; the run loop
+    stops on a non-finite loss before it gets here. Nothing is written when this raises.
+    """
+    bad = nonfinite_paths(obj)
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" (and {len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise ValueError(f"{path}: refusing to write non-finite value(s) to JSON: {shown}")
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    return atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def save_yaml(obj: Any, path: str | os.PathLike) -> Path:

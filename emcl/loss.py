@@ -16,3 +16,33 @@ def symmetric_ce(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def positive_targets(ids: torch.Tensor) -> torch.Tensor:
+    """(B, B) float32 targets: row i spreads its mass evenly over the pairs j with ``ids[j] == ids[i]``.
+
+    The matrix is symmetric (it is also the target of every column), and the identity when all ids
+    differ.
+    """
+    if ids.dim() != 1 or ids.is_floating_point():
+        raise ValueError(f"ids must be a 1-D integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+    same = (ids[:, None] == ids[None, :]).float()
+    return same / same.sum(dim=1, keepdim=True)
+
+
+def multi_positive_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where every pair of the batch with the same id is a positive.
+
+    ``logits`` (B, B): text of pair i against video of pair j; ``ids`` (B,): the video of each pair (its
+    index in the split). Captions of the same video in one batch are then positives for each other's
+    video instead of negatives: text i's target is spread evenly over the columns of its video (and video
+    j's over the rows of its texts), ``0.5 * (CE(logits, P) + CE(logits^T, P))`` with soft targets
+    ``P = positive_targets(ids)``. Equals :func:`symmetric_ce` when all ids differ. Float32 throughout.
+    """
+    if logits.dim() != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"multi_positive_ce needs a square (B, B) logit matrix, got {tuple(logits.shape)}")
+    if ids.shape != logits.shape[:1]:
+        raise ValueError(f"ids has shape {tuple(ids.shape)}, expected ({logits.shape[0]},) for the batch")
+    logits = logits.float()
+    target = positive_targets(ids.to(logits.device))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

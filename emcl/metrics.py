@@ -12,6 +12,10 @@ Conventions used throughout:
   it counts every other candidate with an equal score as ranked above the ground truth.
 * R@k are percentages, MdR is the median rank (mean of the two middle ranks for an even count, as
   ``numpy.median``), MnR the mean rank.
+* Video→text with several captions per video (MSVD, MSR-VTT full) follows the reference by default
+  (SPEC §2): each video ranks the V caption *groups*, a group scoring its best caption (``v2t``).
+  Ranking each video against all T captions is a different, harder protocol; :func:`evaluate_similarity`
+  reports it beside, labelled ``v2t_captions`` (and ``v2t_captions_dsl``), never in place of ``v2t``.
 * NaN scores are an error (a NaN compares false with everything and would silently rank first);
   ``±inf`` is allowed in the raw metrics (e.g. a masked pair), but not in DSL.
 
@@ -27,6 +31,7 @@ from torch import Tensor
 __all__ = [
     "RANK_KEYS",
     "DIRECTIONS",
+    "CAPTION_DIRECTIONS",
     "gt_ranks",
     "t2v_ranks",
     "v2t_ranks",
@@ -43,6 +48,12 @@ __all__ = [
 
 RANK_KEYS = ("R1", "R5", "R10", "R50", "MdR", "MnR")
 DIRECTIONS = ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
+#: Rows added for multi-caption data: video→text ranked against all captions (not the paper's protocol).
+CAPTION_DIRECTIONS = ("v2t_captions", "v2t_captions_dsl")
+_CAPTION_NOTE = (
+    "v2t: each video ranks the videos' best captions (V x V, the reference's protocol); v2t_captions: "
+    "each video ranks all captions (rank of its best own caption; harder, not the paper's protocol)"
+)
 _TIES = ("optimistic", "pessimistic")
 
 
@@ -121,18 +132,19 @@ def v2t_ranks(
     sim_tv: Tensor,
     caption_video: Tensor | None = None,
     ties: str = "optimistic",
-    candidates: str = "captions",
+    candidates: str = "videos",
 ) -> Tensor:
     """Video→text ranks for ``sim_tv`` [T, V]; LongTensor[V].
 
-    ``candidates="captions"`` (default): video ``v`` ranks all T captions (its column) and its rank is the
-    best (minimum) rank among its own captions. Since a rank only grows as the score falls, that equals
-    the rank of its highest-scoring caption: 1 + #captions scoring strictly above it.
+    ``candidates="videos"`` (default): the reference's multi-caption protocol (SPEC §2,
+    ``tensor_video_to_text_sim``): the captions of each video are first collapsed to their maximum
+    score, giving a V x V matrix, so video ``v`` ranks V caption *groups*, not T captions (R@1: its own
+    group's best caption beats every other video's best caption).
 
-    ``candidates="videos"``: the reference's multi-caption protocol (``tensor_video_to_text_sim``): the
-    captions of each video are first collapsed to their maximum score, so video ``v`` ranks V caption
-    *groups*, not T captions. Ranks can only be lower (better) than with ``"captions"``. Identical to
-    ``"captions"`` for 1:1 data.
+    ``candidates="captions"``: video ``v`` ranks all T captions (its column) and its rank is the best
+    (minimum) rank among its own captions. Since a rank only grows as the score falls, that equals the
+    rank of its highest-scoring caption: 1 + #captions scoring strictly above it. Ranks can only be
+    higher (worse) than with ``"videos"``. Both are identical for 1:1 data.
 
     Every video needs at least one caption.
     """
@@ -199,7 +211,7 @@ def v2t_metrics(
     sim_tv: Tensor,
     caption_video: Tensor | None = None,
     ties: str = "optimistic",
-    candidates: str = "captions",
+    candidates: str = "videos",
 ) -> dict:
     """Video→text metrics for ``sim_tv`` [T, V]: every video is a query, see :func:`v2t_ranks`."""
     return metrics_from_ranks(v2t_ranks(sim_tv, caption_video, ties=ties, candidates=candidates))
@@ -248,31 +260,41 @@ def evaluate_similarity(
     *,
     temperature: float = 0.01,
     ties: str = "optimistic",
-    v2t_candidates: str = "captions",
+    v2t_candidates: str = "videos",
 ) -> dict[str, dict[str, float]]:
-    """All four result rows for ``sim_tv`` [T, V]: raw t2v, raw v2t, and the DSL rows computed separately.
+    """The result rows for ``sim_tv`` [T, V]: raw t2v, raw v2t, and the DSL rows computed separately.
 
     Returns ``{"t2v": ..., "v2t": ..., "t2v_dsl": ..., "v2t_dsl": ...}``, each a dict with RANK_KEYS.
+    ``v2t`` follows ``v2t_candidates`` (default ``"videos"``, the reference's protocol, see
+    :func:`v2t_ranks`). With several captions per video (T > V) two labelled rows are added beside:
+    ``v2t_captions`` and ``v2t_captions_dsl``, each video ranked against all T captions.
     ``caption_video`` defaults to the diagonal (1:1 data). DSL needs finite scores.
     """
     sim_tv = _check_sim(sim_tv, "sim_tv")
-    return {
+    v2t_dsl_scores = dsl_v2t(sim_tv, temperature)
+    out = {
         "t2v": t2v_metrics(sim_tv, caption_video, ties=ties),
         "v2t": v2t_metrics(sim_tv, caption_video, ties=ties, candidates=v2t_candidates),
         "t2v_dsl": t2v_metrics(dsl_t2v(sim_tv, temperature), caption_video, ties=ties),
-        "v2t_dsl": v2t_metrics(
-            dsl_v2t(sim_tv, temperature), caption_video, ties=ties, candidates=v2t_candidates
-        ),
+        "v2t_dsl": v2t_metrics(v2t_dsl_scores, caption_video, ties=ties, candidates=v2t_candidates),
     }
+    if sim_tv.shape[0] > sim_tv.shape[1]:  # every video has a caption, so some video has several
+        out["v2t_captions"] = v2t_metrics(sim_tv, caption_video, ties=ties, candidates="captions")
+        out["v2t_captions_dsl"] = v2t_metrics(v2t_dsl_scores, caption_video, ties=ties, candidates="captions")
+    return out
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """Fixed-width table: one line per direction (t2v, v2t, t2v_dsl, v2t_dsl first, then any others).
+    """Fixed-width table: one line per direction (t2v, v2t, t2v_dsl, v2t_dsl first, then v2t_captions,
+    v2t_captions_dsl, then any others), and a line under it saying what v2t and v2t_captions rank when
+    the caption rows are there.
 
-    A missing metric prints as ``-``; entries that are not metric rows (e.g. ``eval_block``) are ignored.
+    A missing metric prints as ``-``; entries that are not metric rows (e.g. ``eval_block``,
+    ``policies``) are ignored.
     """
-    results = {k: v for k, v in results.items() if isinstance(v, dict)}
-    order = [d for d in DIRECTIONS if d in results] + [d for d in results if d not in DIRECTIONS]
+    known = DIRECTIONS + CAPTION_DIRECTIONS
+    results = {k: v for k, v in results.items() if isinstance(v, dict) and _is_row(v)}
+    order = [d for d in known if d in results] + [d for d in results if d not in known]
     width = max([len("direction")] + [len(d) for d in order])
     lines = [f"{'direction':<{width}}" + "".join(f"{k:>8}" for k in RANK_KEYS)]
     lines.append("-" * len(lines[0]))
@@ -283,4 +305,11 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
             val = row.get(k)
             cells.append(f"{'-':>8}" if val is None else f"{float(val):>8.1f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
+    if any(d in results for d in CAPTION_DIRECTIONS):
+        lines.append(_CAPTION_NOTE)
     return "\n".join(lines)
+
+
+def _is_row(row: dict) -> bool:
+    """A metric row: a dict with at least one of RANK_KEYS (not e.g. a nested ``policies`` dict)."""
+    return any(k in row for k in RANK_KEYS)

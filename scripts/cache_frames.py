@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_frames", type=int, required=True)
     p.add_argument("--framerate", type=float, required=True, help="sampling rate in frames per second")
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--index_rounding", choices=["round", "floor"], default="round",
+                   help="evenly spaced frame indices: round to the nearest (default) or floor, as the "
+                   "reference does (what training with --faithful reads)")
     p.add_argument("--ids", default=None,
                    help="text file with one video id per line, or a comma separated list "
                    "(default: all videos)")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             ids, windows = (read_id_list(args.ids) if args.ids else None), read_windows(args.windows)
         build_cache(
             args.video_path, args.out, max_frames=args.max_frames, framerate=args.framerate, size=args.size,
-            ids=ids, windows=windows,
+            ids=ids, windows=windows, index_rounding=args.index_rounding,
             workers=args.workers, backend=args.backend, skip_bad_videos=args.skip_bad_videos,
             compression=None if args.compression == "none" else args.compression,
             progress=not args.no_progress, _die_after=args._die_after)

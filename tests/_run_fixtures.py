@@ -18,9 +18,12 @@ TASK = "video_retrieval.emcl_net.main_task_retrieval"
 
 def tiny_config(data: Path, **over) -> argparse.Namespace:
     """configs/synthetic.yaml's settings (its tiny CLIP) pointed at the synthetic set in ``data``."""
+    from emcl.train.runner import build_parser
     from video_retrieval.emcl_net import main_task_retrieval as task
 
-    cfg = parse_args(task.build_parser(), ["--config", str(REPO / "configs/synthetic.yaml")], task.EXTRA_KEYS)
+    parser = build_parser(task.TASK)
+    cfg = parse_args(parser, ["--config", str(REPO / "configs/synthetic.yaml")], task.TASK.extra_config_keys)
+    cfg.task_module = TASK
     cfg.anno_path = str(data / "annotations")
     cfg.video_path = str(data / "videos")
     cfg.frame_cache = None

@@ -234,6 +234,25 @@ def test_settings_mismatch_and_windows(video_dir: Path, tmp_path: Path) -> None:
         assert str(bad[key]) in str(info.value) and str(SETTINGS[key]) in str(info.value)
 
 
+def test_index_rounding_is_recorded_and_checked(video_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "floor.h5"
+    build_cache(video_dir, out, ids=["v0"], progress=False, index_rounding="floor", **SETTINGS)
+    cache = FrameCache(out)
+    assert cache.settings()["index_rounding"] == "floor"
+    want = read_frames(next(video_dir.glob("v0.*")), index_rounding="floor", **SETTINGS)
+    assert frame_indices(*cache.get("v0")) == [0, 5, 10, 15, 20, 30] == frame_indices(*want)
+    src = VideoSource(None, frame_cache=str(out), index_rounding="floor", **SETTINGS)
+    assert torch.equal(src.load("v0")[0], want[0])
+    with pytest.raises(ValueError, match="index_rounding"):  # a cache read with other rounding
+        VideoSource(None, frame_cache=str(out), **SETTINGS)
+    with pytest.raises(ValueError, match="index_rounding"):  # extended with other rounding
+        build_cache(video_dir, out, ids=["v0", "v1"], progress=False, **SETTINGS)
+    with pytest.raises(ValueError, match="index_rounding"):
+        build_cache(video_dir, tmp_path / "x.h5", ids=["v0"], progress=False, index_rounding="ceil",
+                    **SETTINGS)
+    cache.close()
+
+
 def test_key_encoding_round_trip() -> None:
     for vid in ["video1", "a/b", "100%/x", ".", "..", "", "12@N00_3.mov"]:
         assert "/" not in encode_key(vid) and decode_key(encode_key(vid)) == vid

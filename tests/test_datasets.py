@@ -271,13 +271,9 @@ def test_bad_annotations_raise_clear_errors(synth, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="duplicate video id 'video1'"):
         load_split("msrvtt", msrvtt, "test")
 
-    # LSMDC: duplicate clip id, short row
+    # LSMDC: short row (a repeated clip id is not an error: test_lsmdc_repeated_clip_ids_...)
     lsmdc = tmp_path / "lsmdc"
     shutil.copytree(synth["lsmdc"] / "annotations", lsmdc)
-    line = (lsmdc / "LSMDC16_annos_val.csv").read_text()
-    _write(lsmdc / "LSMDC16_annos_val.csv", line + line)
-    with pytest.raises(ValueError, match=r"LSMDC16_annos_val\.csv: line 2: duplicate clip id"):
-        load_split("lsmdc", lsmdc, "val")
     _write(lsmdc / "LSMDC16_annos_val.csv", "0001_X_00.00.01.000-00.00.02.000\t00.00.01.000\n")
     with pytest.raises(ValueError, match="line 1: expected 6 tab-separated fields"):
         load_split("lsmdc", lsmdc, "val")
@@ -317,6 +313,34 @@ def test_lsmdc_quotes_are_kept_verbatim(tmp_path: Path) -> None:
     assert s.caption_video == [0, 1] and not s.multi_caption
 
 
+def _lsmdc_row(clip_id: str, sentence: str) -> str:
+    times = "\t".join(["00.00.01.000", "00.00.02.000", "00.00.01.000", "00.00.02.000"])
+    return f"{clip_id}\t{times}\t{sentence}\n"
+
+
+def test_lsmdc_repeated_clip_ids_are_extra_captions_and_reference_skips(tmp_path: Path, caplog) -> None:
+    """LSMDC's training/val csvs repeat clip ids; the reference keeps each repeat as one more caption."""
+    a, b = "0001_A_00.00.01.000-00.00.02.000", "0001_A_00.00.05.000-00.00.07.000"
+    c = "0002_B_01.00.00.000-01.00.02.000"
+    skip = "0017_Pianist_00.23.28.872-00.23.34.843"  # one of the reference's three skipped clips
+    rows = [_lsmdc_row(a, "SOMEONE runs."), _lsmdc_row(b, "He sits."), _lsmdc_row(skip, "SOMEONE plays."),
+            _lsmdc_row(a, "SOMEONE runs away."), _lsmdc_row(c, "A car."), _lsmdc_row(skip, "again"),
+            _lsmdc_row(a, "Third caption of a.")]
+    _write(tmp_path / "LSMDC16_annos_val.csv", "".join(rows))
+    with caplog.at_level(logging.INFO, logger="emcl.data"):
+        s = load_split("lsmdc", tmp_path, "val")
+    assert s.video_ids == [a, b, c]  # first appearance, skipped clip gone
+    # captions in file order, repeats point at their clip
+    assert s.captions == ["SOMEONE runs.", "He sits.", "SOMEONE runs away.", "A car.", "Third caption of a."]
+    assert s.caption_video == [0, 1, 0, 2, 0]
+    assert s.multi_caption and s.video_captions() == [[0, 2, 4], [1], [3]]
+    text = caplog.text
+    assert "2 line(s) repeat an earlier clip id" in text and "3 clips, 5 captions" in text
+    assert "skipped 2 line(s) of 1 clip(s) the reference skips" in text and skip in text
+    # the datasets built on it: one training item per caption, one evaluation item per clip
+    assert len(TextDataset(s, max_words=16)) == 5
+
+
 def test_retrieval_split_checks_indices() -> None:
     with pytest.raises(ValueError, match="outside"):
         RetrievalSplit("msvd", "test", ["a"], ["x", "y"], [0, 1])
@@ -348,7 +372,8 @@ def test_bad_video_raises_or_is_skipped(synth, tmp_path: Path, caplog) -> None:
     batch = collate_skip([train[0], item, train[2]])
     assert batch["num_skipped"] == 1 and batch["skipped_ids"] == [bad]
     assert batch["frames"].shape[0] == 2 and batch["caption_index"].tolist() == [0, 2]
-    assert collate_skip([item, None]) == {"num_skipped": 2, "skipped_ids": [bad]}
+    empty = {"empty": True, "num_skipped": 2, "skipped_ids": [bad], "batch_size": 0}
+    assert collate_skip([item, None]) == empty
 
     loader = build_loader(train, batch_size=len(train), shuffle=False, seed=0, workers=0)
     batch = next(iter(loader))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from emcl.clip import build_clip
-from emcl.em import EMCL
+from emcl.em import EMCL, em_reconstruct
 from emcl.scoring import score_matrix
 from tests.test_em import reference_em
 from video_retrieval.emcl_net.model import EMCLNet, FrameLSTM, pair_video_vectors
@@ -169,3 +169,127 @@ def test_bf16_fast_path_matches_fp32(model):
                 out[prec] = (model.loss_from_features(t, f, fmask).item(), model.scores(t, f, fmask))
     assert abs(out["bf16"][0] - out["fp32"][0]) / out["fp32"][0] < 2e-2
     assert (out["bf16"][1] - out["fp32"][1]).abs().max() < 3e-2
+
+
+# ----------------------------------------------------------------------------- precision (SPEC §1)
+
+
+def _unit_features(a: int, v: int, t: int, d: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    feats_t = F.normalize(torch.randn(a, d, generator=g), dim=-1)
+    feats_f = F.normalize(torch.randn(v, t, d, generator=g), dim=-1)
+    m = torch.ones(v, t, dtype=torch.long)
+    m[::3, t // 2 :] = 0
+    return feats_t, feats_f, m
+
+
+def test_emcl_scores_under_bf16_autocast_equal_fp32():
+    """Pooling, EM, residual, normalisation and cosine run in fp32 with autocast off (SPEC §1): under bf16
+    autocast the scores equal the fp32 ones to 1e-5 (in bf16 they moved by up to ~3e-3)."""
+    from video_retrieval.emcl_net.model import emcl_scores
+
+    t, f, m = _unit_features(32, 32, 12, 512, seed=7)
+    em = EMCL(k=32, stage_num=9, lamd=1.0, beta=3.0).eval()
+    ref = emcl_scores(t, f, m, em, 3.0)
+    # 2x2 blocks of 16 texts x 16 videos in one call (leading block dims, as the paper policy)
+    tb, fb, mb = t.view(2, 16, 512)[:, None], f.view(2, 16, 12, 512)[None], m.view(2, 16, 12)[None]
+    ref_blocks = emcl_scores(tb, fb, mb, em, 3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = emcl_scores(t, f, m, em, 3.0)
+        got_blocks = emcl_scores(tb, fb, mb, em, 3.0)
+        # bf16 features, as the encoders give them under autocast: scored in fp32 all the same
+        got_bf16_in = emcl_scores(t.bfloat16(), f.bfloat16(), m, em, 3.0)
+    assert got.dtype == torch.float32 and got_blocks.dtype == torch.float32
+    assert (got - ref).abs().max() < 1e-5
+    assert (got_blocks - ref_blocks).abs().max() < 1e-5
+    want_bf16_in = emcl_scores(t.bfloat16().float(), f.bfloat16().float(), m, em, 3.0)
+    assert got_bf16_in.dtype == torch.float32 and (got_bf16_in - want_bf16_in).abs().max() < 1e-5
+    # the same holds with EMCL off and in training (mu update), and the updated state is the same
+    no_em = emcl_scores(t, f, m, None, 3.0)
+    assert (no_em - _autocast_call(emcl_scores, t, f, m, None, 3.0)).abs().max() < 1e-5
+    em_a, em_b = EMCL(k=32, stage_num=9).train(), EMCL(k=32, stage_num=9).train()
+    em_b.load_state_dict(em_a.state_dict())
+    s_a = emcl_scores(t, f, m, em_a, 3.0, update=True)
+    s_b = _autocast_call(emcl_scores, t, f, m, em_b, 3.0, update=True)
+    assert (s_a - s_b).abs().max() < 1e-5 and torch.allclose(em_a.mu, em_b.mu, atol=1e-6)
+
+
+def _autocast_call(fn, *args, **kwargs):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn(*args, **kwargs)
+
+
+def test_training_loss_and_gradients_under_bf16_autocast_equal_fp32():
+    """The loss on given features (what follows the encoders) and its gradient do not depend on autocast."""
+    from video_retrieval.emcl_net.model import emcl_scores
+
+    t, f, m = _unit_features(16, 16, 6, 256, seed=8)
+    out = {}
+    for name in ("fp32", "bf16"):
+        tt, ff = t.clone().requires_grad_(), f.clone().requires_grad_()
+        em = EMCL(k=16, stage_num=5).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            s = emcl_scores(tt, ff, m, em, 3.0, update=True)
+            loss = F.cross_entropy(100 * s, torch.arange(16))
+        loss.backward()
+        out[name] = (loss.detach(), tt.grad, ff.grad)
+    assert abs(out["bf16"][0] - out["fp32"][0]) < 1e-4
+    for a, b in zip(out["bf16"][1:], out["fp32"][1:]):
+        assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["paper", "query", "none"])
+def test_score_matrix_under_bf16_autocast_equals_fp32(mode):
+    """score_matrix turns autocast off around any score_fn, here one that does not do it itself."""
+    t, f, m = _unit_features(40, 36, 5, 512, seed=9)
+    em = EMCL(k=32, stage_num=9).eval()
+
+    def plain(tb, fb, mb):  # pooling + EM + cosine with no autocast handling of its own
+        assert not torch.is_autocast_enabled("cpu") and tb.dtype == fb.dtype == torch.float32
+        v = pair_video_vectors(tb, fb, mb, 3.0)
+        if mode != "none":
+            a, b, d = v.shape[-3], v.shape[-2], v.shape[-1]
+            x = torch.cat([v.reshape(*v.shape[:-3], a * b, d), tb.expand(*v.shape[:-3], a, d)], dim=-2)
+            x = F.normalize(x + em.beta * em_reconstruct(x, em.mu, em.stage_num, em.lamd)[0], dim=-1)
+            v, tb = x[..., : a * b, :].reshape(*v.shape[:-3], a, b, d), x[..., a * b :, :]
+        return torch.einsum("...ad,...abd->...ab", F.normalize(tb, dim=-1), F.normalize(v, dim=-1))
+
+    ref = score_matrix(plain, t, f, m, mode=mode, block=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = score_matrix(plain, t, f, m, mode=mode, block=16)
+        got_bf16_in = score_matrix(plain, t.bfloat16(), f.bfloat16(), m, mode=mode, block=16)
+    assert got.dtype == torch.float32 and (got - ref).abs().max() < 1e-5
+    want = score_matrix(plain, t.bfloat16().float(), f.bfloat16().float(), m, mode=mode, block=16)
+    assert (got_bf16_in - want).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- multi-positive loss
+
+
+def test_forward_with_video_ids_uses_the_multi_positive_loss_and_gathers_them(model):
+    from emcl.loss import multi_positive_ce, symmetric_ce
+
+    ids, tmask, frames, fmask = batch(n=6, seed=4)
+    with torch.no_grad():
+        t, f = model.encode_text(ids, tmask), model.encode_video(frames, fmask)
+        s = model.logit_scale.exp() * model.scores(t, f, fmask)
+        distinct = torch.arange(6)
+        shared = torch.tensor([0, 1, 0, 2, 1, 3])
+        assert torch.allclose(model(ids, tmask, frames, fmask), symmetric_ce(s), atol=1e-5)
+        plain = model(ids, tmask, frames, fmask, video_ids=distinct)
+        assert torch.allclose(plain, symmetric_ce(s), atol=1e-5)
+        got = model(ids, tmask, frames, fmask, video_ids=shared)
+        assert torch.allclose(got, multi_positive_ce(s, shared), atol=1e-5)
+        assert not torch.allclose(got, symmetric_ce(s), atol=1e-3)
+        # the ids travel through the rank gather like the features (here: a fake 2-rank gather)
+        seen = []
+
+        def gather(x):
+            seen.append(x.dtype)
+            return torch.cat([x, x.flip(0)])
+
+        two = model(ids, tmask, frames, fmask, gather=gather, video_ids=shared)
+        s2 = model.logit_scale.exp() * model.scores(torch.cat([t, t.flip(0)]), torch.cat([f, f.flip(0)]),
+                                                    torch.cat([fmask, fmask.flip(0)]))
+        assert torch.long in seen
+        assert torch.allclose(two, multi_positive_ce(s2, torch.cat([shared, shared.flip(0)])), atol=1e-5)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from emcl.metrics import (
+    CAPTION_DIRECTIONS,
     DIRECTIONS,
     RANK_KEYS,
     dsl,
@@ -141,8 +142,10 @@ def test_multi_caption_t2v_and_v2t_best_caption():
     # v1 column [0.1, 0.2, 0.7, 0.6, 0.8]: its captions c1=0.2 (rank 5), c2=0.7 (rank 2), c3=0.6 (rank 3);
     #   best is 2 (c4 of video 2 scores 0.8 above all of them)
     # v2 column [0.0, 0.1, 0.9, 0.3, 0.4]: its caption c4=0.4 is below 0.9 -> 2
-    assert v2t_ranks(sim, caption_video).tolist() == [1, 2, 2]
-    assert_metrics_close(v2t_metrics(sim, caption_video), numpy_metrics(np.array([1, 2, 2])))
+    assert v2t_ranks(sim, caption_video, candidates="captions").tolist() == [1, 2, 2]
+    assert_metrics_close(
+        v2t_metrics(sim, caption_video, candidates="captions"), numpy_metrics(np.array([1, 2, 2]))
+    )
     # The reference protocol collapses each video's captions to its best score first:
     # v1 column groups: g0=0.1, g1=max(0.2,0.7,0.6)=0.7, g2=0.8 -> rank 2; v2 column: g0=0.0, g1=0.9,
     # g2=0.4 -> rank 2; v0: g0=0.9, g1=0.8, g2=0.5 -> 1.
@@ -150,8 +153,9 @@ def test_multi_caption_t2v_and_v2t_best_caption():
     # a case where the two protocols differ: two captions of video 0 both beat video 1's caption
     sim2 = torch.tensor([[0.0, 0.9], [0.0, 0.8], [0.0, 0.5]])
     cv2 = torch.tensor([0, 0, 1])
-    assert v2t_ranks(sim2, cv2).tolist() == [1, 3]
+    assert v2t_ranks(sim2, cv2, candidates="captions").tolist() == [1, 3]
     assert v2t_ranks(sim2, cv2, candidates="videos").tolist() == [1, 2]
+    assert v2t_ranks(sim2, cv2).tolist() == [1, 2]  # the reference's protocol is the default
 
 
 def test_multi_caption_v2t_random_matches_numpy():
@@ -166,8 +170,14 @@ def test_multi_caption_v2t_random_matches_numpy():
     for v in range(n_vid):
         r = numpy_ranks(np.repeat(sim_vt[v : v + 1], caps[v], axis=0), np.nonzero(cv == v)[0])
         want.append(r.min())
-    got = v2t_ranks(torch.from_numpy(sim), torch.from_numpy(cv))
+    got = v2t_ranks(torch.from_numpy(sim), torch.from_numpy(cv), candidates="captions")
     np.testing.assert_array_equal(got.numpy(), np.array(want))
+    # the reference's V x V protocol: max over each video's captions, then rank the diagonal
+    group = np.stack([sim[cv == g].max(axis=0) for g in range(n_vid)])  # [group, video]
+    np.testing.assert_array_equal(
+        v2t_ranks(torch.from_numpy(sim), torch.from_numpy(cv)).numpy(),
+        numpy_ranks(group.T, np.arange(n_vid)),
+    )
     np.testing.assert_array_equal(
         gt_ranks(torch.from_numpy(sim), torch.from_numpy(cv)).numpy(), numpy_ranks(sim, cv)
     )
@@ -219,20 +229,62 @@ def test_evaluate_similarity_multi_caption_and_table():
     cv = torch.tensor([0, 0, 0, 1, 2, 2])
     sim = torch.randn(6, 3)
     res = evaluate_similarity(sim, cv)
-    assert list(res) == list(DIRECTIONS)
+    assert list(res) == list(DIRECTIONS) + list(CAPTION_DIRECTIONS)
     assert res["t2v"] == t2v_metrics(sim, cv)
-    assert res["v2t"] == v2t_metrics(sim, cv)
+    assert res["v2t"] == v2t_metrics(sim, cv, candidates="videos")
     assert res["t2v_dsl"] == t2v_metrics(dsl_t2v(sim), cv)
-    assert res["v2t_dsl"] == v2t_metrics(dsl_v2t(sim), cv)
+    assert res["v2t_dsl"] == v2t_metrics(dsl_v2t(sim), cv, candidates="videos")
+    assert res["v2t_captions"] == v2t_metrics(sim, cv, candidates="captions")
+    assert res["v2t_captions_dsl"] == v2t_metrics(dsl_v2t(sim), cv, candidates="captions")
     table = format_table(res)
     lines = table.splitlines()
-    assert len(lines) == 2 + 4
-    assert len({len(line) for line in lines}) == 1  # fixed width
+    assert len(lines) == 2 + 6 + 1  # header, rule, six rows, the note on the two v2t protocols
+    assert len({len(line) for line in lines[:-1]}) == 1  # fixed width
+    assert "v2t_captions" in lines[-1] and "reference" in lines[-1]
     for key in RANK_KEYS:
         assert key in lines[0]
-    assert [line.split()[0] for line in lines[2:]] == list(DIRECTIONS)
+    assert [line.split()[0] for line in lines[2:-1]] == list(DIRECTIONS) + list(CAPTION_DIRECTIONS)
+    # 1:1 data: the two protocols coincide, so no extra rows and no note
+    one = evaluate_similarity(torch.randn(5, 5))
+    assert list(one) == list(DIRECTIONS) and len(format_table(one).splitlines()) == 2 + 4
     assert f"{res['t2v']['MnR']:.1f}" in lines[2]
     assert "-" in format_table({"t2v": {"R1": 1.0}}).splitlines()[2]
+    # non-row entries (eval_block, nested policies) are not printed as rows
+    nested = {**res, "eval_block": "paper", "policies": {"paper": {"t2v": res["t2v"]}}}
+    assert format_table(nested) == table
+
+
+def test_multi_caption_v2t_reference_protocol_beside_all_captions():
+    """Hand-built: video 0 has three captions, videos 1 and 2 one each (T=5, V=3).
+
+    Video 1's column: its caption c3 scores 0.6; captions c0 (0.9) and c1 (0.7) of video 0 score higher.
+    All-captions protocol: rank 3. The reference's V x V protocol: video 0's group counts once, by its
+    best caption (0.9), so video 1 ranks 2. Video 2: own caption 0.8, only c2 (0.85) above -> 2 either way.
+    """
+    cv = torch.tensor([0, 0, 0, 1, 2])
+    sim = torch.tensor(
+        [
+            # v0   v1    v2
+            [0.95, 0.9, 0.1],  # c0 (v0)
+            [0.30, 0.7, 0.2],  # c1 (v0)
+            [0.20, 0.1, 0.85],  # c2 (v0)
+            [0.10, 0.6, 0.3],  # c3 (v1)
+            [0.00, 0.2, 0.8],  # c4 (v2)
+        ]
+    )
+    assert v2t_ranks(sim, cv).tolist() == [1, 2, 2]
+    assert v2t_ranks(sim, cv, candidates="captions").tolist() == [1, 3, 2]
+    res = evaluate_similarity(sim, cv)
+    assert res["v2t"]["R1"] == pytest.approx(100 / 3) and res["v2t"]["MnR"] == pytest.approx(5 / 3)
+    assert res["v2t_captions"]["R1"] == pytest.approx(100 / 3) and res["v2t_captions"]["MnR"] == 2.0
+    assert res["v2t_captions"]["MdR"] == 2.0 and res["v2t"]["MdR"] == 2.0
+    # t2v: c0 -> v0 rank 1, c1 -> v0 (0.3 < 0.7) rank 2, c2 -> v0 (0.2 < 0.85) rank 2, c3, c4 rank 1
+    assert gt_ranks(sim, cv).tolist() == [1, 2, 2, 1, 1]
+    # the caller can still choose the all-captions protocol as the headline v2t; the extra rows stay
+    swapped = evaluate_similarity(sim, cv, v2t_candidates="captions")
+    assert swapped["v2t"] == res["v2t_captions"]
+    table = format_table(res)
+    assert "v2t_captions " in table and "v2t_captions_dsl" in table
 
 
 def test_metrics_from_ranks_and_bad_inputs():

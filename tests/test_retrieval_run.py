@@ -69,9 +69,15 @@ def load(path: Path) -> dict:
 
 def test_two_processes_match_one_on_the_same_global_batch(msvd_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run(flags(msvd_data, one, "--max_steps", "2", "--epochs", "1"))
+    # --multi_positive gathers the batch's video ids with the features (MSVD: several captions a video)
+    run(flags(msvd_data, one, "--max_steps", "2", "--epochs", "1", "--multi_positive", "1"))
     # --skip_bad_videos switches the gathers to their variable-length form: same results
-    run(flags(msvd_data, two, "--max_steps", "2", "--epochs", "1", "--skip_bad_videos"), nproc=2)
+    run(
+        flags(
+            msvd_data, two, "--max_steps", "2", "--epochs", "1", "--skip_bad_videos", "--multi_positive", "1"
+        ),
+        nproc=2,
+    )
     a, b = load(one / "checkpoint_last.pt"), load(two / "checkpoint_last.pt")
     assert a["step"] == b["step"] == 2
     loss_a, loss_b = a["best"]["history"][0]["loss"], b["best"]["history"][0]["loss"]
@@ -111,12 +117,20 @@ def test_resume_after_kill_gives_the_same_metrics(msrvtt_data, tmp_path):
     assert a["train"]["selected_on"] == "last_epoch"
     assert (full / "config.yaml").is_file() and (full / "train.log").is_file()
 
-    # evaluating the checkpoint alone reproduces the training run's numbers exactly
+    # no selection split: no copy of the last checkpoint, and the tested epoch is recorded
+    assert not (full / "checkpoint_best.pt").exists()
+    assert a["train"]["selected_epoch"] == 2 and a["train"]["evaluated_checkpoint"] == "checkpoint_last.pt"
+    assert a["finished"] is True and b["resumed_from"] == str(killed / "checkpoint_last.pt")
+
+    # evaluating the checkpoint alone reproduces the training run's numbers exactly, in every policy;
+    # an explicit --do_eval 1 without --do_train means evaluation only, although the config trains
     ev = tmp_path / "eval"
-    run(flags(msrvtt_data, ev, "--do_train", "0", "--init_model", str(full / "checkpoint_last.pt")))
+    run(flags(msrvtt_data, ev, "--do_eval", "1", "--init_model", str(full / "checkpoint_last.pt")))
     c = json.loads((ev / "metrics.json").read_text())
+    assert "train" not in c and not (ev / "checkpoint_last.pt").exists()
     for direction in ("t2v", "v2t", "t2v_dsl", "v2t_dsl"):
         assert c["test"][direction] == a["test"][direction]
+    assert c["test"]["policies"] == a["test"]["policies"]
     assert c["test"]["eval_block"] == "query" and c["test"]["num_videos"] == 8
 
 
@@ -127,8 +141,54 @@ def test_bad_video_fails_by_default_and_is_skipped_on_request(tmp_path):
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     proc = run(flags(data, tmp_path / "default", "--epochs", "1"), check=False)
     assert proc.returncode != 0 and "video3" in (proc.stdout + proc.stderr)
-    run(flags(data, tmp_path / "skip", "--epochs", "1", "--skip_bad_videos"))
+    # 1 of 14 training videos is 7% of the split: over the default --max_skip_fraction of 5%
+    proc = run(flags(data, tmp_path / "over", "--epochs", "1", "--skip_bad_videos"), check=False)
+    assert proc.returncode == 2 and "max_skip_fraction" in proc.stderr and "video3" in proc.stderr
+    run(flags(data, tmp_path / "skip", "--epochs", "1", "--skip_bad_videos", "--max_skip_fraction", "0.1"))
     m = json.loads((tmp_path / "skip" / "metrics.json").read_text())
     assert m["train"]["skipped_videos"] == 1 and m["train"]["skipped_video_ids"] == ["video3"]
     assert m["train"]["history"][0]["skipped_samples"] >= 1
     assert m["test"]["num_skipped_videos"] == 0  # the damaged clip is a training clip
+
+
+def test_three_policies_side_by_side_and_eval_only_with_a_validation_split(msvd_data, tmp_path):
+    """MSVD has a val split: selection on val, the selected checkpoint tested; all three policies are
+    scored from the same features, and an eval-only run of checkpoint_best.pt reproduces them all."""
+    out = tmp_path / "train"
+    run(flags(msvd_data, out, "--eval_block", "paper", "--eval_block_size", "4"))
+    m = json.loads((out / "metrics.json").read_text())
+    test = m["test"]
+    assert set(test["policies"]) == {"paper", "query", "none"}
+    assert test["eval_block"] == "paper"
+    for direction in ("t2v", "v2t", "t2v_dsl", "v2t_dsl"):
+        assert test[direction] == test["policies"]["paper"][direction]
+    assert m["train"]["selected_on"] == "val" and m["train"]["evaluated_checkpoint"] == "checkpoint_best.pt"
+    assert m["train"]["selected_epoch"] in (1, 2)
+    assert all("val" in record for record in m["train"]["history"])
+    assert (out / "curves.png").is_file() or "no training curves" in (out / "train.log").read_text()
+
+    # the config says temp 3 and K 32; the checkpoint's settings are used unless given explicitly
+    ev = tmp_path / "eval"
+    best = str(out / "checkpoint_best.pt")
+    proc = run(flags(msvd_data, ev, "--do_train", "0", "--do_eval", "1", "--init_model", best))
+    c = json.loads((ev / "metrics.json").read_text())
+    # the headline policy and the block size come from the checkpoint too (the config says query, 32)
+    assert c["test"]["policies"] == test["policies"]
+    assert c["test"]["eval_block"] == "paper" and "val" in c
+    assert "eval_block_size=4 taken from the checkpoint" in proc.stdout
+
+    # an explicit score setting wins, with a warning that names it; a weight setting cannot change
+    ev2 = tmp_path / "eval2"
+    proc = run(
+        flags(
+            msvd_data, ev2, "--do_train", "0", "--do_eval", "1", "--init_model", best, "--temp", "5",
+        )
+    )  # fmt: skip
+    assert "temp=5.0 given explicitly" in proc.stdout + proc.stderr
+    proc = run(
+        flags(
+            msvd_data, tmp_path / "eval3", "--do_eval", "1", "--init_model", best, "--centerK", "16",
+        ),
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "centerK" in proc.stderr and "Traceback" not in proc.stderr

@@ -84,6 +84,38 @@ def test_sample_indices_window() -> None:
     assert sample_indices(64, 10, 10, 3, start=1.0, end=5.0).tolist() == [10, 30, 50]
 
 
+def test_sample_indices_floor_rounding_is_the_references() -> None:
+    # 7 positions 0,5,..,30, 6 kept: linspace(0, 6, 6) = 0, 1.2, 2.4, 3.6, 4.8, 6
+    assert sample_indices(32, 10, 2, 6).tolist() == [0, 5, 10, 20, 25, 30]  # round (default)
+    assert sample_indices(32, 10, 2, 6, rounding="floor").tolist() == [0, 5, 10, 15, 20, 30]
+    for n, m in [(20, 12), (95, 12), (301, 64), (13, 12), (1000, 7)]:
+        # the reference: np.linspace(0, n - 1, num=m, dtype=int)
+        want = np.linspace(0, n - 1, num=m, dtype=int).tolist()
+        assert sample_indices(n, 1, 1, m, rounding="floor").tolist() == want
+        assert sample_indices(n, 1, 1, m).tolist() == np.round(np.linspace(0, n - 1, m)).astype(int).tolist()
+    assert sample_indices(20, 1, 1, 12, rounding="floor").tolist() != sample_indices(20, 1, 1, 12).tolist()
+    assert sample_indices(5, 1, 1, 12, rounding="floor").tolist() == [0, 1, 2, 3, 4]  # fewer: all
+    with pytest.raises(ValueError, match="rounding"):
+        sample_indices(20, 1, 1, 12, rounding="ceil")
+
+
+def test_read_frames_and_video_source_floor_rounding(vids: dict[str, Path]) -> None:
+    kw = {"framerate": 2, "max_frames": 6, "size": 32}
+    for backend in BACKENDS:
+        frames, mask = read_frames(vids["mp4"], backend=backend, index_rounding="floor", **kw)
+        assert frame_indices(frames, mask) == [0, 5, 10, 15, 20, 30], backend
+    src = VideoSource(str(vids["mp4"].parent), index_rounding="floor", **kw)
+    assert frame_indices(*src.load("idx32")) == [0, 5, 10, 15, 20, 30]
+    assert "floor" in repr(src) and pickle.loads(pickle.dumps(src)).index_rounding == "floor"
+    default = VideoSource(str(vids["mp4"].parent), **kw)
+    assert default.index_rounding == "round"
+    assert frame_indices(*default.load("idx32")) == [0, 5, 10, 20, 25, 30]
+    with pytest.raises(ValueError, match="rounding"):
+        VideoSource(str(vids["mp4"].parent), index_rounding="truncate", **kw)
+    with pytest.raises(ValueError, match="rounding"):
+        read_frames(vids["mp4"], index_rounding="truncate", **kw)
+
+
 @pytest.mark.parametrize(
     "args, kwargs",
     [
@@ -304,6 +336,32 @@ def test_zero_fps_falls_back_to_frames_over_duration(vids: dict[str, Path],
     assert info.value.video_id == "nofps" and str(vids["mp4"]) in str(info.value)
 
 
+def test_pyav_19_open_without_metadata_errors(vids: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyAV >= 19 (Python >= 3.12) has no ``metadata_errors`` in ``av.open``: decoding must still work."""
+    real_open = av.open
+    calls = []
+
+    def av19_open(file, mode=None, **kwargs):
+        if "metadata_errors" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        calls.append(kwargs)
+        return real_open(file, mode, **kwargs) if mode else real_open(file, **kwargs)
+
+    monkeypatch.setattr(av, "open", av19_open)
+    frames, mask = read_frames(vids["mp4"], framerate=2, max_frames=12, size=32)
+    assert frame_indices(frames, mask) == [0, 5, 10, 15, 20, 25, 30]
+    frames, mask = read_frames(vids["gop5"], framerate=10, max_frames=3, size=32, start=2.0, end=4.0)
+    assert frame_indices(frames, mask) == [20, 30, 40]  # with a seek
+    assert calls  # the emulated PyAV 19 really opened the files
+
+    def broken_open(file, mode=None, **kwargs):  # a TypeError about something else is not swallowed
+        raise TypeError("expected str, bytes or os.PathLike object")
+
+    monkeypatch.setattr(av, "open", broken_open)
+    with pytest.raises(TypeError, match="PathLike"):
+        read_frames(vids["mp4"], framerate=2, max_frames=12, size=32)
+
+
 # -------------------------------------------------------------------------------------- VideoSource
 
 
@@ -378,6 +436,27 @@ def test_clip_rand_augment_matches_torchvision_without_noise() -> None:
         b = ref(clip)
         # same ops and magnitudes: equal up to float rounding of a few pixels (a different op: tens)
         assert (a.float() - b.float()).abs().mean() < 0.1
+
+
+def test_clip_rand_augment_passes_interpolation_enum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision 0.26 rejects ``interpolation="bilinear"`` (a string) with a ValueError."""
+
+    class StrictRandAugment(v2.RandAugment):  # torchvision 0.26's behaviour
+        def __init__(self, *args, interpolation=T.InterpolationMode.NEAREST, **kwargs):
+            if not isinstance(interpolation, T.InterpolationMode):
+                raise ValueError(f"interpolation must be an InterpolationMode, got {interpolation!r}")
+            super().__init__(*args, interpolation=interpolation, **kwargs)
+
+    monkeypatch.setattr(v2, "RandAugment", StrictRandAugment)
+    gen = torch.Generator().manual_seed(0)
+    clip = torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8, generator=gen)
+    for kwargs in ({}, {"interpolation": "bilinear"}, {"interpolation": T.InterpolationMode.NEAREST}):
+        aug = ClipRandAugment(**kwargs)
+        assert isinstance(aug._op.interpolation, T.InterpolationMode)
+        assert aug(clip).shape == clip.shape
+    assert ClipRandAugment()._op.interpolation == T.InterpolationMode.BILINEAR
+    with pytest.raises(ValueError, match="interpolation"):
+        ClipRandAugment(interpolation="bilinearr")
 
 
 # --------------------------------------------------------------------------------- compress_videos

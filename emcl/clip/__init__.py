@@ -8,7 +8,7 @@ from .loading import (
     read_checkpoint,
     resolve_checkpoint,
 )
-from .model import CLIPBackbone, build_clip, default_heads
+from .model import CLIPBackbone, build_clip, build_clip_from_config, check_clip_config, default_heads
 from .preprocess import CLIP_MEAN, CLIP_STD, normalize_frames
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, get_tokenizer, tokenize
 
@@ -20,6 +20,8 @@ __all__ = [
     "SOT_TOKEN",
     "CLIPBackbone",
     "build_clip",
+    "build_clip_from_config",
+    "check_clip_config",
     "clip_state_dict",
     "default_heads",
     "get_tokenizer",

@@ -19,6 +19,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from .memory import checkpoint_blocks, checkpoint_level, lean_activations
+
 
 def default_heads(width: int) -> int:
     """OpenAI's head count rule (64-wide heads), at least one head for tiny test models."""
@@ -114,10 +116,29 @@ class CLIPBackbone(nn.Module):
         return features.view(batch, num_frames, -1)
 
     # ---------------------------------------------------------------- memory
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute transformer blocks in the backward pass (both towers) to save activation memory."""
-        self.visual.set_grad_checkpointing(enable)
-        self.transformer.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool | str = True, layers: int | None = None) -> None:
+        """Recompute parts of the transformer blocks in the backward pass, in both towers.
+
+        ``enable``: True / ``"blocks"`` (whole blocks), ``"mlp"`` (LayerNorm 2 + MLP), ``"attn"``
+        (LayerNorm 1 + attention), False / ``"none"``; ``layers``: only the first N blocks of each tower
+        (None: all). See :mod:`emcl.clip.memory` for what each level saves.
+        """
+        checkpoint_blocks(self.visual.transformer, enable, layers)
+        checkpoint_blocks(self.transformer, enable, layers)
+
+    @property
+    def grad_checkpointing(self) -> tuple[str, int]:
+        """``(level, blocks per tower)`` of activation checkpointing (``("none", 0)`` when off)."""
+        return checkpoint_level(self.visual.transformer)
+
+    def set_lean_activations(self, enable: bool = True) -> int:
+        """Keep fewer saved tensors in training (QuickGELU keeps its input only, LayerNorm no float32 copy
+        under autocast); same weights and keys. Returns the number of modules switched."""
+        return (
+            lean_activations(self.visual, enable)
+            + lean_activations(self.transformer, enable)
+            + (lean_activations(self.ln_final, enable))
+        )
 
     # ------------------------------------------------------------- accessors
     @property
@@ -261,3 +282,61 @@ def build_clip(
         nonscalar_logit_scale=nonscalar_logit_scale,
     )
     return CLIPBackbone(model, config)
+
+
+def check_clip_config(config: Any, source: str = "clip_config") -> dict[str, Any]:
+    """``config`` checked against :func:`build_clip`'s parameters; returns it as a dict.
+
+    A misspelt or unknown key, a missing required one, or a value of the wrong type raises
+    :class:`~emcl.errors.UserValueError` naming ``source``, the key and the allowed keys.
+    """
+    import difflib
+    import inspect
+
+    from emcl.errors import UserValueError
+
+    if not isinstance(config, dict):
+        kind = type(config).__name__
+        raise UserValueError(f"{source}: expected a mapping of build_clip arguments, got {kind}")
+    params = dict(inspect.signature(build_clip).parameters)
+    allowed = ", ".join(params)
+    unknown = [k for k in config if k not in params]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), list(params), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise UserValueError(f"{source}: unknown key(s) {', '.join(hints)}; allowed keys: {allowed}")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in config]
+    if missing:
+        need = ", ".join(missing)
+        raise UserValueError(f"{source}: missing required key(s) {need}; allowed keys: {allowed}")
+    for key, value in config.items():
+        kind = str(params[key].annotation)
+        if value is None and "None" in kind:
+            continue
+        if kind.startswith("int"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            want = "a positive integer"
+        elif kind.startswith("float"):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            want = "a positive number"
+        elif kind.startswith("bool"):
+            ok, want = isinstance(value, bool), "true or false"
+        else:
+            continue
+        if not ok:
+            raise UserValueError(f"{source}: {key}: expected {want}, got {value!r}")
+    return dict(config)
+
+
+def build_clip_from_config(config: Any, source: str = "clip_config") -> CLIPBackbone:
+    """:func:`build_clip` from a config mapping, with errors naming ``source`` and the key (see
+    :func:`check_clip_config`); inconsistent sizes (width not divisible by heads, ...) too."""
+    from emcl.errors import UserValueError
+
+    kwargs = check_clip_config(config, source)
+    try:
+        return build_clip(**kwargs)
+    except ValueError as e:
+        raise UserValueError(f"{source}: {e}") from None

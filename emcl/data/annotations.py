@@ -1,19 +1,25 @@
 """Annotation parsing for the five retrieval datasets, from their real file layouts (SPEC §3).
 
 Each parser returns a :class:`RetrievalSplit`: the split's video ids, its captions, and for every
-caption the index of its video. Bad input raises ``FileNotFoundError`` / ``ValueError`` naming the
-file, the record and what is wrong; nothing is skipped silently.
+caption the index of its video. Bad input raises ``FileNotFoundError`` / :class:`~emcl.errors.UserValueError`
+(a ``ValueError`` that the command line prints as one line) naming the file, the record and what is wrong;
+nothing is skipped silently.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from emcl.errors import UserValueError
+
+log = logging.getLogger("emcl.data")
 
 DATATYPES = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo")
 SPLITS = ("train", "val", "test")
@@ -40,13 +46,13 @@ class RetrievalSplit:
 
     def __post_init__(self) -> None:
         if len(self.captions) != len(self.caption_video):
-            raise ValueError(f"{self.datatype}/{self.split}: {len(self.captions)} captions but "
-                             f"{len(self.caption_video)} caption_video entries")
+            raise UserValueError(f"{self.datatype}/{self.split}: {len(self.captions)} captions but "
+                                 f"{len(self.caption_video)} caption_video entries")
         n = len(self.video_ids)
         bad = [i for i, v in enumerate(self.caption_video) if not 0 <= v < n]
         if bad:
-            raise ValueError(f"{self.datatype}/{self.split}: caption {bad[0]} points to video index "
-                             f"{self.caption_video[bad[0]]}, outside 0..{n - 1}")
+            raise UserValueError(f"{self.datatype}/{self.split}: caption {bad[0]} points to video index "
+                                 f"{self.caption_video[bad[0]]}, outside 0..{n - 1}")
 
     @property
     def num_videos(self) -> int:
@@ -87,23 +93,23 @@ def _read_json(path: Path):
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise UserValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _check_unique(ids: list[str], path: Path, what: str = "video id") -> None:
     seen: dict[str, int] = {}
     for i, v in enumerate(ids):
         if v in seen:
-            raise ValueError(f"{path}: duplicate {what} '{v}' (entries {seen[v] + 1} and {i + 1})")
+            raise UserValueError(f"{path}: duplicate {what} '{v}' (entries {seen[v] + 1} and {i + 1})")
         seen[v] = i
 
 
 def _check_caption(text, path: Path, record: str) -> str:
     if not isinstance(text, str):
-        raise ValueError(f"{path}: record {record}: caption is {type(text).__name__}, not text")
+        raise UserValueError(f"{path}: record {record}: caption is {type(text).__name__}, not text")
     text = " ".join(text.split())
     if not text:
-        raise ValueError(f"{path}: record {record}: caption is empty (nothing to tokenise)")
+        raise UserValueError(f"{path}: record {record}: caption is empty (nothing to tokenise)")
     return text
 
 
@@ -115,12 +121,31 @@ def _read_id_list(path: Path) -> list[str]:
     return ids
 
 
-def _read_csv_column(path: Path, column: str) -> list[str]:
+def _check_csv_row(row: dict, fieldnames: list[str], path: Path, lineno: int) -> None:
+    """A row with fewer or more fields than the header (a truncated file, an unquoted comma) is an error."""
+    if None in row or any(row.get(k) is None for k in fieldnames):
+        got = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+        raise UserValueError(f"{path}: line {lineno}: expected {len(fieldnames)} comma-separated fields "
+                             f"({','.join(fieldnames)}), got {got}; the file may be truncated or a field "
+                             "holds an unquoted comma")
+
+
+def _read_csv_rows(path: Path, columns: Iterable[str], expected: str) -> list[dict]:
+    """Every row of a CSV file with a header holding ``columns``; rows checked against the header."""
     with open(path, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise ValueError(f"{path}: expected a header with column '{column}', got {reader.fieldnames}")
-        return [row[column].strip() for row in reader]
+        if reader.fieldnames is None or not set(columns) <= set(reader.fieldnames):
+            raise UserValueError(f"{path}: expected {expected}, got {reader.fieldnames}")
+        rows = []
+        for row in reader:
+            _check_csv_row(row, list(reader.fieldnames), path, reader.line_num)
+            rows.append(row)
+        return rows
+
+
+def _read_csv_column(path: Path, column: str) -> list[str]:
+    rows = _read_csv_rows(path, [column], f"a header with column '{column}'")
+    return [row[column].strip() for row in rows]
 
 
 def _from_groups(datatype: str, split: str, video_ids: list[str], groups: dict[str, list[str]],
@@ -132,14 +157,14 @@ def _from_groups(datatype: str, split: str, video_ids: list[str], groups: dict[s
             captions.append(cap)
             caption_video.append(v_index)
     if not video_ids:
-        raise ValueError(f"{datatype} {split}: the split is empty ({', '.join(files.values())})")
+        raise UserValueError(f"{datatype} {split}: the split is empty ({', '.join(files.values())})")
     return RetrievalSplit(datatype, split, video_ids, captions, caption_video, windows, dict(files))
 
 
 def _missing(ids: Iterable[str], have, list_path: Path, anno_file: Path) -> None:
     for v in ids:
         if v not in have:
-            raise ValueError(f"{list_path}: video id '{v}' has no annotation in {anno_file}")
+            raise UserValueError(f"{list_path}: video id '{v}' has no annotation in {anno_file}")
 
 
 # --- MSR-VTT -------------------------------------------------------------------------------------
@@ -148,17 +173,12 @@ def _msrvtt(anno_path: str, split: str, msrvtt_train: str | None = "9k", msrvtt_
     msrvtt_train = msrvtt_train or "9k"
     msrvtt_test = msrvtt_test or "1k"
     if msrvtt_train not in ("9k", "7k", "full"):
-        raise ValueError(f"msrvtt_train must be '9k', '7k' or 'full', got {msrvtt_train!r}")
+        raise UserValueError(f"msrvtt_train must be '9k', '7k' or 'full', got {msrvtt_train!r}")
     if msrvtt_test not in ("1k", "full"):
-        raise ValueError(f"msrvtt_test must be '1k' or 'full', got {msrvtt_test!r}")
+        raise UserValueError(f"msrvtt_test must be '1k' or 'full', got {msrvtt_test!r}")
     if split == "test" and msrvtt_test == "1k":
         path = _need(anno_path, "MSRVTT_JSFUSION_test.csv", "msrvtt", split)
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or not {"video_id", "sentence"} <= set(reader.fieldnames):
-                raise ValueError(f"{path}: expected columns key,vid_key,video_id,sentence, "
-                                 f"got {reader.fieldnames}")
-            rows = list(reader)
+        rows = _read_csv_rows(path, ["video_id", "sentence"], "columns key,vid_key,video_id,sentence")
         ids = [r["video_id"].strip() for r in rows]
         _check_unique(ids, path)
         groups = {}
@@ -167,18 +187,18 @@ def _msrvtt(anno_path: str, split: str, msrvtt_train: str | None = "9k", msrvtt_
         return _from_groups("msrvtt", split, ids, groups, file=str(path))
 
     if split == "val" and msrvtt_train != "full":
-        raise ValueError("msrvtt has no val split unless msrvtt_train='full' (the 9k/7k lists contain the "
-                         "'validate' videos); see has_split")
+        raise UserValueError("msrvtt has no val split unless msrvtt_train='full' (the 9k/7k lists contain "
+                             "the 'validate' videos); see has_split")
     data_path = _need(anno_path, "MSRVTT_data.json", "msrvtt", split)
     data = _read_json(data_path)
     if not isinstance(data, dict) or "sentences" not in data or "videos" not in data:
-        raise ValueError(f"{data_path}: expected a JSON object with 'videos' and 'sentences'")
+        raise UserValueError(f"{data_path}: expected a JSON object with 'videos' and 'sentences'")
     groups: dict[str, list[str]] = {}
     for k, s in enumerate(data["sentences"]):
         try:
             vid, cap = s["video_id"], s["caption"]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{data_path}: sentences[{k}] lacks {e} (need video_id, caption)") from e
+            raise UserValueError(f"{data_path}: sentences[{k}] lacks {e} (need video_id, caption)") from e
         groups.setdefault(vid, []).append(_check_caption(cap, data_path, f"sentences[{k}] "
                                                                         f"(sen_id {s.get('sen_id')}, {vid})"))
     if split == "train" and msrvtt_train in ("9k", "7k"):
@@ -194,11 +214,11 @@ def _msrvtt(anno_path: str, split: str, msrvtt_train: str | None = "9k", msrvtt_
             if v["split"] == wanted:
                 ids.append(v["video_id"])
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{data_path}: videos[{k}] lacks {e} (need video_id, split)") from e
+            raise UserValueError(f"{data_path}: videos[{k}] lacks {e} (need video_id, split)") from e
     _check_unique(ids, data_path)
     for v in ids:
         if v not in groups:
-            raise ValueError(f"{data_path}: video '{v}' (split {wanted}) has no sentence")
+            raise UserValueError(f"{data_path}: video '{v}' (split {wanted}) has no sentence")
     return _from_groups("msrvtt", split, ids, groups, file=str(data_path))
 
 
@@ -211,21 +231,22 @@ def _msvd(anno_path: str, split: str, **_: object) -> RetrievalSplit:
         try:
             raw = pickle.load(fh)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise ValueError(f"{cap_path}: cannot unpickle ({type(e).__name__}: {e})") from e
+            raise UserValueError(f"{cap_path}: cannot unpickle ({type(e).__name__}: {e})") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{cap_path}: expected a dict {{video_id: [token lists]}}, got {type(raw).__name__}")
+        kind = type(raw).__name__
+        raise UserValueError(f"{cap_path}: expected a dict {{video_id: [token lists]}}, got {kind}")
     _missing(ids, raw, list_path, cap_path)
     groups: dict[str, list[str]] = {}
     for vid in ids:
         caps = raw[vid]
         if not isinstance(caps, (list, tuple)) or not caps:
-            raise ValueError(f"{cap_path}: video '{vid}' has no captions")
+            raise UserValueError(f"{cap_path}: video '{vid}' has no captions")
         out = []
         for j, tokens in enumerate(caps):
             if isinstance(tokens, str):
                 tokens = tokens.split()
             if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) for t in tokens):
-                raise ValueError(f"{cap_path}: video '{vid}' caption {j}: expected a list of word tokens")
+                raise UserValueError(f"{cap_path}: video '{vid}' caption {j}: expected a list of word tokens")
             out.append(_check_caption(" ".join(tokens), cap_path, f"video '{vid}' caption {j}"))
         groups[vid] = out
     return _from_groups("msvd", split, ids, groups, file=str(list_path), captions=str(cap_path))
@@ -234,30 +255,59 @@ def _msvd(anno_path: str, split: str, **_: object) -> RetrievalSplit:
 # --- LSMDC ---------------------------------------------------------------------------------------
 LSMDC_FILES = {"train": "LSMDC16_annos_training.csv", "val": "LSMDC16_annos_val.csv",
                "test": "LSMDC16_challenge_1000_publictect.csv"}
+#: Clips the reference drops from every LSMDC split (hard-coded in its loader); we drop them too, logged.
+LSMDC_SKIPPED_CLIPS = frozenset({
+    "0017_Pianist_00.23.28.872-00.23.34.843",
+    "0017_Pianist_00.30.36.767-00.30.38.009",
+    "3064_SPARKLE_2012_01.41.07.000-01.41.11.793",
+})
 
 
 def _lsmdc(anno_path: str, split: str, **_: object) -> RetrievalSplit:
+    """LSMDC as it ships: a clip id may appear on several lines (``<CLIP_ID>`` is not unique in the
+    training and val csvs); each repeat is one more caption of the same clip, as in the reference.
+    Captions keep the file's line order (the reference's text order, which the ``paper`` evaluation
+    blocks depend on); clips are numbered by first appearance. The reference's three skipped clips
+    (:data:`LSMDC_SKIPPED_CLIPS`) are dropped. Both are counted in the log."""
     path = _need(anno_path, LSMDC_FILES[split], "lsmdc", split)
     ids: list[str] = []
-    groups: dict[str, list[str]] = {}
-    first_line: dict[str, int] = {}
+    index: dict[str, int] = {}
+    captions: list[str] = []
+    caption_video: list[int] = []
+    repeats = 0
+    skipped: dict[str, int] = {}
     with open(path, encoding="utf-8", newline="") as fh:
         # The sentences contain unbalanced quotes: no quote handling at all.
         for lineno, row in enumerate(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             if not row or not any(x.strip() for x in row):
                 continue
             if len(row) < 6:
-                raise ValueError(f"{path}: line {lineno}: expected 6 tab-separated fields (clip_id, 4 times, "
-                                 f"sentence), got {len(row)}")
+                raise UserValueError(f"{path}: line {lineno}: expected 6 tab-separated fields (clip_id, "
+                                     f"4 times, sentence), got {len(row)}")
             clip_id = row[0].strip()
-            if clip_id in first_line:
-                raise ValueError(f"{path}: line {lineno}: duplicate clip id '{clip_id}' "
-                                 f"(first at line {first_line[clip_id]})")
-            first_line[clip_id] = lineno
-            sentence = " ".join(x for x in row[5:] if x.strip())
-            groups[clip_id] = [_check_caption(sentence, path, f"line {lineno} ({clip_id})")]
-            ids.append(clip_id)
-    return _from_groups("lsmdc", split, ids, groups, file=str(path))
+            if not clip_id:
+                raise UserValueError(f"{path}: line {lineno}: empty clip id")
+            if clip_id in LSMDC_SKIPPED_CLIPS:
+                skipped[clip_id] = skipped.get(clip_id, 0) + 1
+                continue
+            sentence = _check_caption(" ".join(x for x in row[5:] if x.strip()), path,
+                                      f"line {lineno} ({clip_id})")
+            if clip_id in index:
+                repeats += 1
+            else:
+                index[clip_id] = len(ids)
+                ids.append(clip_id)
+            captions.append(sentence)
+            caption_video.append(index[clip_id])
+    if skipped:
+        log.info("lsmdc %s (%s): skipped %d line(s) of %d clip(s) the reference skips: %s", split, path,
+                 sum(skipped.values()), len(skipped), ", ".join(sorted(skipped)))
+    if repeats:
+        log.info("lsmdc %s (%s): %d line(s) repeat an earlier clip id and are kept as extra captions of "
+                 "that clip (%d clips, %d captions)", split, path, repeats, len(ids), len(captions))
+    if not ids:
+        raise UserValueError(f"lsmdc {split}: the split is empty ({path})")
+    return RetrievalSplit("lsmdc", split, ids, captions, caption_video, None, {"file": str(path)})
 
 
 # --- ActivityNet Captions ------------------------------------------------------------------------
@@ -265,16 +315,16 @@ def _paragraph(sentences, path: Path, record: str) -> str:
     if isinstance(sentences, str):
         sentences = [sentences]
     if not isinstance(sentences, (list, tuple)):
-        raise ValueError(f"{path}: record {record}: expected a list of sentences")
+        raise UserValueError(f"{path}: record {record}: expected a list of sentences")
     for j, s in enumerate(sentences):
         if not isinstance(s, str):
-            raise ValueError(f"{path}: record {record}: sentence {j} is {type(s).__name__}, not text")
+            raise UserValueError(f"{path}: record {record}: sentence {j} is {type(s).__name__}, not text")
     return _check_caption(" ".join(s.strip() for s in sentences if s.strip()), path, record)
 
 
 def _activitynet(anno_path: str, split: str, **_: object) -> RetrievalSplit:
     if split == "val":
-        raise ValueError("activitynet has no val split (val_1 is the test set); see has_split")
+        raise UserValueError("activitynet has no val split (val_1 is the test set); see has_split")
     if split == "train":
         anno_name, ids_name = "train.json", "train_ids.json"
     else:
@@ -284,17 +334,17 @@ def _activitynet(anno_path: str, split: str, **_: object) -> RetrievalSplit:
     anno = _read_json(anno_file)
     ids = _read_json(ids_file)
     if not isinstance(anno, dict):
-        raise ValueError(f"{anno_file}: expected a JSON object "
-                         f"{{video_id: {{duration, timestamps, sentences}}}}")
+        raise UserValueError(f"{anno_file}: expected a JSON object "
+                             f"{{video_id: {{duration, timestamps, sentences}}}}")
     if not isinstance(ids, list) or not all(isinstance(v, str) for v in ids):
-        raise ValueError(f"{ids_file}: expected a JSON list of video ids")
+        raise UserValueError(f"{ids_file}: expected a JSON list of video ids")
     _check_unique(ids, ids_file)
     _missing(ids, anno, ids_file, anno_file)
     groups = {}
     for vid in ids:
         rec = anno[vid]
         if not isinstance(rec, dict) or "sentences" not in rec:
-            raise ValueError(f"{anno_file}: record '{vid}' has no 'sentences'")
+            raise UserValueError(f"{anno_file}: record '{vid}' has no 'sentences'")
         groups[vid] = [_paragraph(rec["sentences"], anno_file, f"'{vid}'")]
     return _from_groups("activitynet", split, ids, groups, file=str(anno_file), ids=str(ids_file))
 
@@ -309,15 +359,15 @@ def _didemo(anno_path: str, split: str, **_: object) -> RetrievalSplit:
     anno_file = _need(anno_path, f"{split}_data.json", "didemo", split)
     records = _read_json(anno_file)
     if not isinstance(records, list):
-        raise ValueError(f"{anno_file}: expected a JSON list of records {{video, times, description}}")
+        raise UserValueError(f"{anno_file}: expected a JSON list of records {{video, times, description}}")
     texts: dict[str, list[str]] = {}
     order: list[str] = []
     for k, r in enumerate(records):
         if not isinstance(r, dict) or "video" not in r or "description" not in r:
-            raise ValueError(f"{anno_file}: record {k} lacks 'video' or 'description'")
+            raise UserValueError(f"{anno_file}: record {k} lacks 'video' or 'description'")
         vid = _didemo_id(r["video"])
         if not isinstance(r["description"], str):
-            raise ValueError(f"{anno_file}: record {k} ({r['video']}): description is not text")
+            raise UserValueError(f"{anno_file}: record {k} ({r['video']}): description is not text")
         if vid not in texts:
             texts[vid] = []
             order.append(vid)
@@ -347,9 +397,9 @@ def has_split(datatype: str, split: str, anno_path: str | None = None, **options
     holds ``val_data.json``.
     """
     if datatype not in DATATYPES:
-        raise ValueError(f"unknown datatype {datatype!r}; expected one of {DATATYPES}")
+        raise UserValueError(f"unknown datatype {datatype!r}; expected one of {DATATYPES}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise UserValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     if split != "val":
         return True
     if datatype == "msrvtt":
@@ -368,7 +418,7 @@ def load_split(datatype: str, anno_path: str | os.PathLike, split: str, **option
     are ignored by the datasets they do not concern.
     """
     if datatype not in DATATYPES:
-        raise ValueError(f"unknown datatype {datatype!r}; expected one of {DATATYPES}")
+        raise UserValueError(f"unknown datatype {datatype!r}; expected one of {DATATYPES}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise UserValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return _PARSERS[datatype](str(anno_path), split, **options)

@@ -9,7 +9,7 @@ statistics (AutoContrast, Equalize) use each frame's own statistics, as a per-fr
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 
 class ClipRandAugment:
@@ -32,7 +32,8 @@ class ClipRandAugment:
     """
 
     def __init__(self, num_ops: int = 4, magnitude: float = 7, magnitude_std: float = 0.5,
-                 max_magnitude: float = 10, interpolation: str = "bilinear") -> None:
+                 max_magnitude: float = 10,
+                 interpolation: str | InterpolationMode = InterpolationMode.BILINEAR) -> None:
         if num_ops < 0:
             raise ValueError(f"num_ops must be >= 0, got {num_ops}")
         if not 0 <= magnitude <= max_magnitude:
@@ -44,8 +45,14 @@ class ClipRandAugment:
         self.magnitude_std = float(magnitude_std)
         self.max_magnitude = float(max_magnitude)
         self._steps = int(round(self.max_magnitude * 10))  # bins at 0.1 magnitude resolution
+        # torchvision 0.26 rejects a string here (0.29 accepts both): always pass the enum
+        try:
+            mode = InterpolationMode(interpolation)
+        except ValueError:
+            choices = ", ".join(m.value for m in InterpolationMode)
+            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {choices}") from None
         self._op = v2.RandAugment(num_ops=1, magnitude=self._bin(self.magnitude),
-                                  num_magnitude_bins=self._steps + 1, interpolation=interpolation)
+                                  num_magnitude_bins=self._steps + 1, interpolation=mode)
 
     def _bin(self, magnitude: float) -> int:
         m = min(max(magnitude, 0.0), self.max_magnitude)

@@ -4,6 +4,7 @@ then read in microseconds.
 Layout (format ``emcl-frame-cache``, version 1)::
 
     /                       attrs: format, version, max_frames, framerate, size, backend, compression,
+                                   index_rounding ("round" when absent: stores from before it existed),
                                    complete (True only in a finished store), num_videos, num_failed
     /videos/<key>           group per video; attrs: video_id, num_frames, start, end (NaN: whole video),
                                    complete (written last: the entry is usable only when it is set)
@@ -40,7 +41,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from emcl.data.video import BACKENDS, VideoError, find_videos, read_frames
+from emcl.data.video import (
+    BACKENDS,
+    DEFAULT_INDEX_ROUNDING,
+    INDEX_ROUNDINGS,
+    VideoError,
+    find_videos,
+    read_frames,
+)
+from emcl.errors import UserValueError
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +116,12 @@ def _stored_window(attrs: Any) -> tuple[float | None, float | None]:
     return one("start"), one("end")
 
 
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return math.isclose(float(a), float(b), rel_tol=1e-9)
+
+
 class FrameCache:
     """Read side of the frame store. Picklable; the HDF5 file is opened lazily once per process.
 
@@ -130,23 +145,24 @@ class FrameCache:
             with h5py.File(self.path, "r") as f:
                 attrs = dict(f.attrs)
         except OSError as e:
-            raise ValueError(f"frame cache {self.path} cannot be opened as HDF5: {e}") from None
+            raise UserValueError(f"frame cache {self.path} cannot be opened as HDF5: {e}") from None
         if attrs.get("format") != FORMAT:
-            raise ValueError(
+            raise UserValueError(
                 f"{self.path} is not an EMCL frame cache (format attribute {attrs.get('format')!r})"
             )
         if int(attrs.get("version", -1)) != VERSION:
-            raise ValueError(
+            raise UserValueError(
                 f"frame cache {self.path} has version {attrs.get('version')}, this code reads "
                 f"version {VERSION}; rebuild it"
             )
         if not bool(attrs.get("complete", False)):
-            raise ValueError(
+            raise UserValueError(
                 f"frame cache {self.path} is not a finished store; rerun scripts/cache_frames.py"
             )
         self.max_frames = int(attrs["max_frames"])
         self.framerate = float(attrs["framerate"])
         self.size = int(attrs["size"])
+        self.index_rounding = str(attrs.get("index_rounding", DEFAULT_INDEX_ROUNDING))
         self.backend = str(attrs.get("backend", ""))
         self.version = int(attrs["version"])
         self._file: h5py.File | None = None
@@ -180,15 +196,18 @@ class FrameCache:
 
     # -- settings
     def settings(self) -> dict[str, Any]:
-        return {"max_frames": self.max_frames, "framerate": self.framerate, "size": self.size}
+        return {"max_frames": self.max_frames, "framerate": self.framerate, "size": self.size,
+                "index_rounding": self.index_rounding}
 
-    def check_settings(self, *, max_frames: int, framerate: float, size: int) -> None:
+    def check_settings(self, *, max_frames: int, framerate: float, size: int,
+                       index_rounding: str = DEFAULT_INDEX_ROUNDING) -> None:
         """Raise ValueError naming both when the requested settings differ from the cache's."""
-        wanted = {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size)}
+        wanted = {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size),
+                  "index_rounding": str(index_rounding)}
         have = self.settings()
-        diff = [k for k in wanted if not math.isclose(float(wanted[k]), float(have[k]), rel_tol=1e-9)]
+        diff = [k for k in wanted if not _same_setting(wanted[k], have[k])]
         if diff:
-            raise ValueError(
+            raise UserValueError(
                 f"frame cache {self.path} was built with {have}, but {wanted} was requested "
                 f"(differs in {', '.join(diff)}); rebuild the cache with scripts/cache_frames.py or change "
                 "the settings"
@@ -321,12 +340,14 @@ class CacheWriter:
         backend: str,
         compression: str | None = None,
         fsync: bool = True,
+        index_rounding: str = DEFAULT_INDEX_ROUNDING,
     ) -> None:
         if compression not in (None, "lzf", "gzip"):
             raise ValueError(f"compression must be None, 'lzf' or 'gzip', got {compression!r}")
         self.out = os.fspath(out)
         self.partial = self.out + PARTIAL_SUFFIX
         self.max_frames, self.framerate, self.size = int(max_frames), float(framerate), int(size)
+        self.index_rounding = str(index_rounding)
         self.backend = backend
         self.compression = compression
         self.fsync = fsync
@@ -335,7 +356,8 @@ class CacheWriter:
 
     # -- open / resume
     def _settings(self) -> dict[str, Any]:
-        return {"max_frames": self.max_frames, "framerate": self.framerate, "size": self.size}
+        return {"max_frames": self.max_frames, "framerate": self.framerate, "size": self.size,
+                "index_rounding": self.index_rounding}
 
     def _check_attrs(self, path: str, attrs: Any) -> None:
         if attrs.get("format") != FORMAT or int(attrs.get("version", -1)) != VERSION:
@@ -344,6 +366,7 @@ class CacheWriter:
             "max_frames": int(attrs["max_frames"]),
             "framerate": float(attrs["framerate"]),
             "size": int(attrs["size"]),
+            "index_rounding": str(attrs.get("index_rounding", DEFAULT_INDEX_ROUNDING)),
         }
         if have != self._settings():
             raise ValueError(
@@ -391,6 +414,7 @@ class CacheWriter:
                     "max_frames": self.max_frames,
                     "framerate": self.framerate,
                     "size": self.size,
+                    "index_rounding": self.index_rounding,
                     "backend": self.backend,
                     "compression": self.compression or "none",
                     "complete": False,
@@ -566,7 +590,7 @@ Window = tuple[float | None, float | None]
 _SKIP_HINT = "(use skip_bad_videos=True / --skip_bad_videos to record it as failed and go on)"
 
 
-class CacheBuildError(ValueError):
+class CacheBuildError(UserValueError):
     """The inputs of a cache build are unusable (no videos to cache, a malformed id list or windows)."""
 
 
@@ -657,10 +681,17 @@ class _DecodeJobs(Dataset):
     (``error``: the full message stored in the cache, ``reason``: the same without the path and id)."""
 
     def __init__(
-        self, jobs: list[tuple[str, str, Window]], framerate: float, max_frames: int, size: int, backend: str
+        self,
+        jobs: list[tuple[str, str, Window]],
+        framerate: float,
+        max_frames: int,
+        size: int,
+        backend: str,
+        index_rounding: str = DEFAULT_INDEX_ROUNDING,
     ) -> None:
         self.jobs = jobs
-        self.kw = {"framerate": framerate, "max_frames": max_frames, "size": size, "backend": backend}
+        self.kw = {"framerate": framerate, "max_frames": max_frames, "size": size, "backend": backend,
+                   "index_rounding": index_rounding}
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -753,6 +784,7 @@ def build_cache(
     skip_bad_videos: bool = False,
     compression: str | None = None,
     progress: bool = True,
+    index_rounding: str = DEFAULT_INDEX_ROUNDING,
     _die_after: int | None = None,
 ) -> dict[str, Any]:
     """Decode the videos under ``video_path`` (all, or ``ids``) once into the frame store ``out``.
@@ -762,7 +794,9 @@ def build_cache(
     ``(start, end)`` seconds to cache only that part. Videos are decoded by ``workers`` DataLoader
     processes (0: in this process). A missing, ambiguous or undecodable video raises :class:`VideoError`
     (naming the id and file) unless ``skip_bad_videos``, which records it as failed in the store.
-    ``compression``: None, ``"lzf"`` or ``"gzip"``. ``_die_after=N`` is a test hook: SIGKILL this process
+    ``compression``: None, ``"lzf"`` or ``"gzip"``. ``index_rounding``: how evenly spaced frames are
+    picked (``"round"``, or ``"floor"`` as the reference; see ``sample_indices``), recorded in the store
+    and checked by readers. ``_die_after=N`` is a test hook: SIGKILL this process
     in the middle of writing the entry after N decoded videos.
 
     Returns a summary: ``out``, ``num_requested``, ``num_videos`` / ``num_failed`` (in the finished
@@ -783,7 +817,10 @@ def build_cache(
             "ids must be a list of video ids, not a string (read_id_list parses files and "
             "comma separated lists)"
         )
-    settings = {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size)}
+    if index_rounding not in INDEX_ROUNDINGS:
+        raise ValueError(f"index_rounding must be one of {INDEX_ROUNDINGS}, got {index_rounding!r}")
+    settings = {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size),
+                "index_rounding": index_rounding}
     out = os.path.abspath(os.fspath(out))
     writer = CacheWriter(out, backend=backend, compression=compression, **settings)  # checks compression
     windows = normalize_windows(dict(windows or {}))
@@ -836,7 +873,9 @@ def build_cache(
             workers,
             backend,
         )
-        dataset = _DecodeJobs(jobs, settings["framerate"], settings["max_frames"], settings["size"], backend)
+        dataset = _DecodeJobs(
+            jobs, settings["framerate"], settings["max_frames"], settings["size"], backend, index_rounding
+        )
         # workers are forked while the HDF5 file is closed, so no child ever holds an open writer
         writer.close()
         results = _results(dataset, workers)

@@ -45,7 +45,9 @@ def tokenize_split(split: RetrievalSplit, max_words: int) -> tuple[torch.Tensor,
     try:
         return tokenize(split.captions, max_words)
     except ValueError as e:
-        raise ValueError(f"{split.datatype}/{split.split}: {e}") from e
+        from emcl.errors import UserValueError
+
+        raise UserValueError(f"{split.datatype}/{split.split}: {e}") from e
 
 
 def _load_video(split: RetrievalSplit, source, video_index: int):
@@ -56,6 +58,10 @@ def _load_video(split: RetrievalSplit, source, video_index: int):
 
 class TrainDataset(Dataset):
     """One item per caption: its tokens and its video's uint8 frames.
+
+    Items: ``text_ids``, ``text_mask``, ``frames``, ``frame_mask``, ``video_index`` (the video's index in
+    the split: items with the same ``video_index`` show the same video, which the multi-positive loss
+    uses; collated to a LongTensor aligned with the batch, skipped items removed) and ``caption_index``.
 
     ``augment`` (e.g. :class:`~emcl.data.augment.ClipRandAugment`) is applied to the real frames only,
     never to the zero padding.
@@ -71,6 +77,11 @@ class TrainDataset(Dataset):
         self.skip_bad_videos = skip_bad_videos
         self.seed = int(seed)
         self.text_ids, self.text_mask = tokenize_split(split, max_words)
+
+    @property
+    def num_videos(self) -> int:
+        """Videos behind the captions (the base of ``--max_skip_fraction``)."""
+        return len(self.split.video_ids)
 
     def __len__(self) -> int:
         return len(self.split.captions)
@@ -158,11 +169,13 @@ def collate_skip(batch: Sequence[dict | Skipped | None]) -> dict:
     """Collate a batch, dropping skipped items.
 
     Adds ``num_skipped`` (int) and ``skipped_ids`` (video ids of the dropped items; a plain ``None`` item
-    counts but has no id). If every item was skipped the result holds only those two keys.
+    counts but has no id) and ``batch_size`` (items kept). If every item was skipped the result holds
+    only those keys and ``empty: True``, which the run loop skips.
     """
     kept = [b for b in batch if b is not None and not isinstance(b, Skipped)]
     skipped_ids = [b.video_id for b in batch if isinstance(b, Skipped)]
-    out = dict(default_collate(kept)) if kept else {}
+    out = dict(default_collate(kept)) if kept else {"empty": True}
     out["num_skipped"] = len(batch) - len(kept)
     out["skipped_ids"] = skipped_ids
+    out["batch_size"] = len(kept)
     return out

@@ -5,7 +5,7 @@ One clip = ``max_frames`` RGB frames of ``size``x``size`` (uint8) plus a mask, s
 1. decode at ``framerate`` fps: keep every ``stride``-th native frame, ``stride = round(native_fps /
    framerate)`` (round half up, at least 1), optionally only inside a ``[start, end]`` window in seconds;
 2. if more than ``max_frames`` positions remain, keep ``max_frames`` evenly spaced ones (``np.linspace``
-   over the positions, rounded);
+   over the positions, rounded to the nearest; ``index_rounding="floor"`` truncates as the reference);
 3. resize the short side to ``size`` (bicubic with antialiasing, the same numbers as CLIP's PIL
    preprocessing), center crop ``size``x``size``;
 4. pad with zero frames and mask 0 up to ``max_frames``.
@@ -30,10 +30,17 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from emcl.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("pyav", "opencv")
 DEFAULT_BACKEND = "pyav"
+
+#: How evenly spaced positions become indices: "round" (nearest, ours) or "floor" (the reference's
+#: ``np.linspace(..., dtype=int)``, which truncates; ``--faithful``).
+INDEX_ROUNDINGS = ("round", "floor")
+DEFAULT_INDEX_ROUNDING = "round"
 
 #: File name endings treated as videos when folders are scanned (lower case, with the dot).
 VIDEO_EXTENSIONS = frozenset(
@@ -46,16 +53,24 @@ VIDEO_EXTENSIONS = frozenset(
 _EPS = 1e-6
 
 
-class VideoError(RuntimeError):
+class VideoError(UserError, RuntimeError):
     """A video that cannot be used: missing, unreadable, empty, without fps, ...
 
     The message names the path, the dataset record (video id) and the reason; the three are also kept as
     attributes ``path``, ``video_id`` and ``reason``. ``VideoError(message)`` alone is accepted so that
-    PyTorch's DataLoader can re-raise the error from a worker.
+    PyTorch's DataLoader can re-raise the error from a worker; the worker's traceback is then kept in
+    ``worker_traceback`` and the message is the original one line. A ``UserError``: the command line prints
+    it as one line (fix the file, or ``--skip_bad_videos``).
     """
 
     def __init__(self, reason: str, *, path: str | os.PathLike[str] | None = None,
                  video_id: str | None = None) -> None:
+        self.worker_traceback: str | None = None
+        if path is None and video_id is None and reason.startswith("Caught VideoError"):
+            self.worker_traceback = reason
+            last = [line for line in reason.splitlines() if "VideoError: " in line]
+            if last:
+                reason = last[-1].split("VideoError: ", 1)[1] + " (in a DataLoader worker)"
         self.reason = reason
         self.path = None if path is None else os.fspath(path)
         self.video_id = video_id
@@ -93,15 +108,25 @@ def window_bounds(num_frames: int, native_fps: float, start: float | None = None
     return first, last
 
 
+def _check_rounding(rounding: str) -> None:
+    if rounding not in INDEX_ROUNDINGS:
+        raise ValueError(f"index rounding must be one of {INDEX_ROUNDINGS}, got {rounding!r}")
+
+
 def sample_indices(num_frames: int, native_fps: float, framerate: float, max_frames: int,
-                   start: float | None = None, end: float | None = None) -> np.ndarray:
+                   start: float | None = None, end: float | None = None,
+                   rounding: str = DEFAULT_INDEX_ROUNDING) -> np.ndarray:
     """Native frame indices to keep for one clip (both backends use this; SPEC §3).
 
     Positions ``first, first + stride, ...`` up to ``last`` (the ``[start, end]`` window in seconds, or
     the whole video); if more than ``max_frames`` remain, ``max_frames`` evenly spaced ones
-    (``np.linspace`` over the positions, rounded). Returns int64 indices, strictly increasing, at most
-    ``max_frames`` of them. Raises ``ValueError`` for bad arguments or a window holding no frame.
+    (``np.linspace`` over the positions). ``rounding``: ``"round"`` (default) takes the nearest
+    position, ``"floor"`` truncates as the reference does (its ``np.linspace(..., dtype=int)``); e.g. 12
+    of 20 positions: round picks 0,2,3,5,7,9,10,12,14,16,17,19, floor 0,1,3,5,6,8,10,12,13,15,17,19.
+    Returns int64 indices, strictly increasing, at most ``max_frames`` of them. Raises ``ValueError``
+    for bad arguments or a window holding no frame.
     """
+    _check_rounding(rounding)
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
     if max_frames <= 0:
@@ -117,7 +142,8 @@ def sample_indices(num_frames: int, native_fps: float, framerate: float, max_fra
         )
     positions = np.arange(first, last + 1, stride, dtype=np.int64)
     if len(positions) > max_frames:
-        pick = np.round(np.linspace(0, len(positions) - 1, max_frames)).astype(np.int64)
+        spaced = np.linspace(0, len(positions) - 1, max_frames)
+        pick = (np.round(spaced) if rounding == "round" else np.floor(spaced)).astype(np.int64)
         positions = positions[pick]
     return positions
 
@@ -234,7 +260,7 @@ class _PyAVReader(_Reader):
     def _open(self) -> Any:
         av = self._av
         try:
-            container = av.open(self.path, metadata_errors="ignore")
+            container = _av_open(av, self.path)
         except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
             raise self.error(f"unreadable or corrupt file ({type(e).__name__}: {e})") from None
         if not container.streams.video:
@@ -291,6 +317,23 @@ class _PyAVReader(_Reader):
                 return
             log.debug("%s: seek to frame %d unusable, decoding from the start", self.path, first)
             seek = False
+
+
+def _av_open(av: Any, path: str) -> Any:
+    """``av.open(path)`` for reading, tolerant of undecodable metadata on every PyAV version.
+
+    PyAV <= 18 decodes container metadata strictly unless ``metadata_errors="ignore"`` is passed (a file
+    with a Latin-1 title would otherwise be unreadable); PyAV >= 19 (the version Python >= 3.12 gets)
+    removed that argument and raises ``TypeError`` for it. Try the argument first and open without it
+    when this PyAV does not know it; a metadata ``UnicodeDecodeError`` there is reported as an unreadable
+    file by the caller.
+    """
+    try:
+        return av.open(path, metadata_errors="ignore")
+    except TypeError as e:
+        if "metadata_errors" not in str(e):
+            raise
+    return av.open(path)
 
 
 def _pyav_getter(frame: Any) -> FrameGetter:
@@ -397,13 +440,14 @@ def _collect(reader: _Reader, wanted: Iterable[int], size: int, stop_at_last: bo
 
 
 def _sample_frames(reader: _Reader, framerate: float, max_frames: int, size: int,
-                   start: float | None, end: float | None) -> list[np.ndarray]:
+                   start: float | None, end: float | None,
+                   rounding: str = DEFAULT_INDEX_ROUNDING) -> list[np.ndarray]:
     fps = reader.fps
     estimate = reader.header_frames or reader.count_frames()
     if estimate <= 0:
         raise reader.error("no frames: the container holds no video packets")
     try:
-        indices = sample_indices(estimate, fps, framerate, max_frames, start, end)
+        indices = sample_indices(estimate, fps, framerate, max_frames, start, end, rounding)
     except ValueError as e:
         raise reader.error(str(e)) from None
     # Positions depend on the true frame count only when the window reaches the end of the video; then
@@ -421,7 +465,7 @@ def _sample_frames(reader: _Reader, framerate: float, max_frames: int, size: int
             log.warning("%s: decoded %d frames, the container claims %d; sampling from the decoded count",
                         reader.path, count, estimate)
             try:
-                indices = sample_indices(count, fps, framerate, max_frames, start, end)
+                indices = sample_indices(count, fps, framerate, max_frames, start, end, rounding)
             except ValueError as e:
                 raise reader.error(str(e)) from None
             missing = [i for i in indices if i not in have]
@@ -438,11 +482,13 @@ def _sample_frames(reader: _Reader, framerate: float, max_frames: int, size: int
 
 def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: int, size: int,
                 backend: str = DEFAULT_BACKEND, start: float | None = None, end: float | None = None,
-                video_id: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                video_id: str | None = None,
+                index_rounding: str = DEFAULT_INDEX_ROUNDING) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode one clip: frames uint8 (max_frames, 3, size, size) and mask LongTensor (max_frames,).
 
     Sampling follows :func:`sample_indices` (``framerate`` fps, optional ``[start, end]`` window in
-    seconds, ``max_frames`` evenly spaced); frames are RGB, short side resized to ``size`` (bicubic,
+    seconds, ``max_frames`` evenly spaced, ``index_rounding`` "round" or "floor" as the reference); frames
+    are RGB, short side resized to ``size`` (bicubic,
     antialiased, as CLIP's PIL preprocessing) and center cropped. Real frames come first with mask 1,
     zero padding after them with mask 0.
 
@@ -463,6 +509,7 @@ def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: i
     vid = video_id if video_id is not None else os.path.splitext(os.path.basename(path))[0]
     if backend not in _READERS:
         raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    _check_rounding(index_rounding)
     if max_frames <= 0 or size <= 0 or not framerate > 0:
         raise ValueError(f"max_frames, size and framerate must be positive (got {max_frames}, {size}, "
                          f"{framerate})")
@@ -473,7 +520,7 @@ def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: i
     if os.path.getsize(path) == 0:
         raise VideoError("empty file (0 bytes)", path=path, video_id=vid)
     reader = _READERS[backend](path, vid)
-    kept = _sample_frames(reader, framerate, max_frames, size, start, end)
+    kept = _sample_frames(reader, framerate, max_frames, size, start, end, index_rounding)
     frames = np.zeros((max_frames, 3, size, size), dtype=np.uint8)
     for i, frame in enumerate(kept):
         frames[i] = frame
@@ -506,15 +553,19 @@ class VideoSource:
 
     ``load(video_id, start=None, end=None) -> (frames, mask)``. Without a cache the file is
     ``{video_path}/{video_id}.mp4``, or with ``any_extension=True`` any video whose stem (or file name) is
-    the id, found by walking the folder once (MSVD). Picklable for DataLoader workers: the cache's HDF5
+    the id, found by walking the folder once (MSVD). ``index_rounding``: ``"round"`` (default) or
+    ``"floor"`` (the reference's truncation, set under ``--faithful``), see :func:`sample_indices`; a
+    frame cache must have been built with the same. Picklable for DataLoader workers: the cache's HDF5
     file is opened lazily in each process.
     """
 
     def __init__(self, video_path: str | None, *, framerate: float, max_frames: int, size: int,
                  backend: str = DEFAULT_BACKEND, frame_cache: str | None = None,
-                 any_extension: bool = False, cache_in_memory: bool = False) -> None:
+                 any_extension: bool = False, cache_in_memory: bool = False,
+                 index_rounding: str = DEFAULT_INDEX_ROUNDING) -> None:
         if backend not in _READERS:
             raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+        _check_rounding(index_rounding)
         if video_path is None and frame_cache is None:
             raise ValueError("VideoSource needs a video_path or a frame_cache")
         self.video_path = None if video_path is None else os.fspath(video_path)
@@ -522,6 +573,7 @@ class VideoSource:
         self.max_frames = max_frames
         self.size = size
         self.backend = backend
+        self.index_rounding = index_rounding
         self.any_extension = any_extension
         self._index: dict[str, list[str]] | None = None
         self.cache = None
@@ -529,7 +581,8 @@ class VideoSource:
             from emcl.data.cache import FrameCache
 
             self.cache = FrameCache(frame_cache, in_memory=cache_in_memory)
-            self.cache.check_settings(max_frames=max_frames, framerate=framerate, size=size)
+            self.cache.check_settings(max_frames=max_frames, framerate=framerate, size=size,
+                                      index_rounding=index_rounding)
 
     def path_for(self, video_id: str) -> str:
         """The file that holds ``video_id`` (raises :class:`VideoError` if there is none or several)."""
@@ -558,9 +611,124 @@ class VideoSource:
         if self.cache is not None:
             return self.cache.get(video_id, start=start, end=end)
         return read_frames(self.path_for(video_id), framerate=self.framerate, max_frames=self.max_frames,
-                           size=self.size, backend=self.backend, start=start, end=end, video_id=video_id)
+                           size=self.size, backend=self.backend, start=start, end=end, video_id=video_id,
+                           index_rounding=self.index_rounding)
 
     def __repr__(self) -> str:
         where = f"frame_cache={self.cache.path!r}" if self.cache is not None else f"{self.video_path!r}"
         return (f"VideoSource({where}, framerate={self.framerate}, max_frames={self.max_frames}, "
-                f"size={self.size}, backend={self.backend!r})")
+                f"size={self.size}, backend={self.backend!r}, index_rounding={self.index_rounding!r})")
+
+
+# ------------------------------------------------------------------------------------ up-front checks
+
+
+def missing_videos(source: VideoSource | str | os.PathLike[str], video_ids: Iterable[str]) -> dict[str, str]:
+    """Videos of ``video_ids`` that cannot be there: id -> reason ("missing", "empty (0 bytes)", ...).
+
+    A stat per video, no decoding. ``source`` is a :class:`VideoSource` (its frame cache when it has one,
+    else its folder, honouring ``any_extension``) or a folder of ``{id}.mp4`` files.
+    """
+    if not isinstance(source, VideoSource):
+        source = VideoSource(os.fspath(source), framerate=1.0, max_frames=1, size=1)
+    bad: dict[str, str] = {}
+    if source.cache is not None:
+        cached = set(source.cache.ids())
+        failed = source.cache.failed()
+        for vid in video_ids:
+            if vid in failed:
+                bad[vid] = f"recorded as undecodable when the cache was built ({failed[vid]})"
+            elif vid not in cached:
+                bad[vid] = "not in the frame cache"
+        return bad
+    for vid in video_ids:
+        try:
+            path = source.path_for(vid)
+        except VideoError as e:
+            bad[vid] = e.reason
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            bad[vid] = "missing"
+            continue
+        except OSError as e:
+            bad[vid] = f"cannot be read ({e.strerror or e})"
+            continue
+        if not os.path.isfile(path):
+            bad[vid] = "not a regular file"
+        elif st.st_size == 0:
+            bad[vid] = "empty (0 bytes)"
+    return bad
+
+
+def check_videos_exist(source: VideoSource | str | os.PathLike[str], video_ids: Iterable[str],
+                       what: str, show: int = 5) -> None:
+    """Raise :class:`~emcl.errors.UserError` unless every video of ``video_ids`` exists and is non-empty
+    (or is in the frame cache when ``source`` reads one). A stat per video, no decoding.
+
+    The message names ``what`` (e.g. ``"msvd/test"``), the count, the first ``show`` ids with their reason
+    and the folder (or cache) looked in.
+    """
+    ids = list(video_ids)
+    bad = missing_videos(source, ids)
+    if not bad:
+        return
+    cache = source.cache if isinstance(source, VideoSource) else None
+    folder = source.video_path if isinstance(source, VideoSource) else os.fspath(source)
+    if cache is not None:
+        where = f"frame cache {cache.path}"
+    elif folder is not None and not os.path.isdir(folder):
+        raise UserError(f"{what}: video folder {folder} does not exist ({len(ids)} videos expected in it)")
+    else:
+        where = f"folder {folder}"
+    first = "; ".join(f"{vid} ({reason})" for vid, reason in list(bad.items())[:show])
+    more = f"; and {len(bad) - show} more" if len(bad) > show else ""
+    raise UserError(f"{what}: {len(bad)} of {len(ids)} videos cannot be used (looked in {where}): "
+                    f"{first}{more}")
+
+
+class SkipBudget:
+    """How many of a split's videos may be unreadable before the run stops (``--max_skip_fraction``).
+
+    ``add(ids)`` records unreadable video ids (each counted once); once more than ``fraction`` of
+    ``total_videos`` are recorded it raises :class:`~emcl.errors.UserError` naming the count, the share and
+    the first ids. ``fraction=0`` stops at the first unreadable video.
+    """
+
+    def __init__(self, total_videos: int, fraction: float, what: str = "the split", show: int = 10) -> None:
+        if total_videos < 0 or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"SkipBudget needs total_videos >= 0 and 0 <= fraction <= 1, got "
+                             f"{total_videos}, {fraction}")
+        self.total = total_videos
+        self.fraction = fraction
+        self.what = what
+        self.show = show
+        self.ids: dict[str, None] = {}  # insertion-ordered set
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    @property
+    def limit(self) -> int:
+        """The most unreadable videos allowed."""
+        return math.floor(self.fraction * self.total + 1e-9)
+
+    def add(self, video_ids: Iterable[str]) -> None:
+        """Record unreadable videos; raise once more than the allowed share are unreadable."""
+        for vid in video_ids:
+            self.ids.setdefault(str(vid), None)
+        self.check()
+
+    def check(self) -> None:
+        """Raise :class:`UserError` if more than the allowed share of videos is unreadable."""
+        if self.count <= self.limit:
+            return
+        first = ", ".join(list(self.ids)[: self.show]) + (", ..." if self.count > self.show else "")
+        share = self.count / max(self.total, 1)
+        raise UserError(
+            f"{self.what}: {self.count} of {self.total} videos ({share:.1%}) are unreadable, more than "
+            f"--max_skip_fraction {self.fraction:g} allows ({self.limit}): {first}. Fix or replace these "
+            "files (scripts/cache_frames.py lists every failure), or raise --max_skip_fraction"
+        )

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import torch
 
+from emcl.errors import UserError
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file that cannot be read (corrupt, truncated or not a checkpoint)."""
+
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_torch`, with an error that names the file."""
@@ -16,4 +22,4 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # corrupt or foreign file
-        raise RuntimeError(f"cannot read checkpoint {path}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e

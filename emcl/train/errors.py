@@ -7,11 +7,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from emcl.errors import UserError, UserValueError
+
+__all__ = ["UserError", "UserValueError", "cli_main", "fail"]
+
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """Bad input, a bad flag or a bad setting: the message names what to fix."""
 
 
 def cli_main(main: Callable[[list[str] | None], T], argv: Sequence[str] | None = None) -> T:

@@ -5,27 +5,35 @@
     torchrun --nproc_per_node=8 -m video_retrieval.emcl_net.main_task_retrieval --config configs/msrvtt.yaml \
         --anno_path data/msrvtt/anno --video_path data/msrvtt/videos --output_dir runs/msrvtt
 
-Outputs in ``--output_dir``: ``config.yaml``, ``train.log``, ``metrics.json``, ``checkpoint_last.pt``
-(every epoch) and ``checkpoint_best.pt`` (the selected model).
+Outputs in ``--output_dir``: ``config.yaml``, ``train.log``, ``metrics.json``, ``curves.png``,
+``checkpoint_last.pt`` (every epoch) and, where a validation split selects the epoch,
+``checkpoint_best.pt``. The run loop (resume, selection, eval-only runs, the lock) is
+:mod:`emcl.train.runner`; this file supplies EMCL-Net's model, data and evaluation.
 """
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a busy --output_dir stops the run before the imports below take seconds
+    from emcl.train.guards import refuse_busy_output_dir
+
+    refuse_busy_output_dir(sys.argv[1:])
+
 import argparse
+import inspect
 import logging
-import os
-import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm import tqdm
 
 from emcl import dist
-from emcl.clip import build_clip, load_clip
+from emcl.clip import build_clip_from_config, load_clip
 from emcl.data.datasets import (
     RetrievalSplit,
     TextDataset,
@@ -35,16 +43,17 @@ from emcl.data.datasets import (
     has_split,
     load_split,
 )
-from emcl.data.loader import build_loader, set_epoch
-from emcl.data.video import VideoSource
-from emcl.fileio import save_json, save_torch, save_yaml
-from emcl.metrics import evaluate_similarity, format_table
+from emcl.data.loader import build_loader
+from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
+from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
-from emcl.train.checkpoint import load_checkpoint
-from emcl.train.config import parse_args
-from emcl.train.logs import setup_logging
-from emcl.train.optim import build_optimizer, build_scheduler, param_groups
+from emcl.train.config import check_keys, fraction, nonneg_float, positive_float, positive_int
+from emcl.train.errors import UserError, cli_main
+from emcl.train.features import pad_rows, prefetch_to_device
+from emcl.train.optim import build_optimizer as _build_optimizer
+from emcl.train.optim import build_scheduler, param_groups
+from emcl.train.runner import Task, check_skip_fraction, run
 
 from .model import EMCLNet, emcl_scores
 
@@ -52,89 +61,65 @@ log = logging.getLogger("emcl.retrieval")
 
 DATATYPES = ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo")
 EXTRA_KEYS = ("clip_config", "synthetic")
+EVAL_POLICIES = ("paper", "query", "none")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """All flags; the reference's names where they exist."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """EMCL-Net's flags (the common ones are the run loop's); the reference's names where they exist."""
     a = p.add_argument
-    a("--config", default=None, help="YAML file of option defaults; flags given here override it")
-    a("--do_train", type=int, default=0)
-    a("--do_eval", type=int, default=0)
     a("--datatype", default="msrvtt", choices=DATATYPES)
-    a("--anno_path", default=None, help="folder of the dataset's annotation files")
-    a("--video_path", default=None, help="folder of the videos")
-    a("--frame_cache", default=None, help="HDF5 frame store from scripts/cache_frames.py")
-    a("--cache_in_memory", type=int, default=0, help="hold the whole frame cache in RAM (per worker)")
     a("--msrvtt_train", default="9k", choices=("9k", "7k", "full"))
     a("--msrvtt_test", default="1k", choices=("1k", "full"))
-    a("--max_words", type=int, default=32)
-    a("--max_frames", type=int, default=12)
-    a("--video_framerate", type=float, default=1.0)
-    a("--image_size", type=int, default=224)
+    a("--max_words", type=positive_int, default=32)
+    a("--max_frames", type=positive_int, default=12)
+    a("--video_framerate", type=positive_float, default=1.0)
+    a("--image_size", type=positive_int, default=224)
     a("--decode_backend", default="pyav", choices=("pyav", "opencv"))
-    a("--augment", type=int, default=0, help="RandAugment (4 ops, magnitude 7) on training clips")
-    a("--skip_bad_videos", action="store_true", help="log, count and skip unreadable videos")
-    a("--batch_size", type=int, default=128, help="global training batch, split across ranks")
-    a("--batch_size_val", type=int, default=64, help="per-rank batch for feature extraction")
-    a("--epochs", type=int, default=5)
-    a("--max_steps", type=int, default=0, help="stop training after this many steps (0: all epochs)")
-    a("--lr", type=float, default=1e-4)
-    a("--coef_lr", type=float, default=1e-3, help="backbone lr = lr * coef_lr")
-    a("--weight_decay", type=float, default=0.2)
-    a("--warmup_proportion", type=float, default=0.1)
-    a("--max_grad_norm", type=float, default=1.0)
+    a(
+        "--augment",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="RandAugment (4 ops, magnitude 7) on training clips",
+    )
     a("--agg_module", default="seqTransf", choices=("seqTransf", "seqLSTM", "None"))
-    a("--agg_layers", type=int, default=4)
-    a("--temp", type=float, default=3.0)
-    a("--use_emcl", type=int, default=1)
-    a("--centerK", type=int, default=32)
-    a("--stage_num", type=int, default=9)
-    a("--momentum", type=float, default=0.9)
-    a("--lamd", type=float, default=1.0)
-    a("--beta", type=float, default=3.0)
+    a("--agg_layers", type=positive_int, default=4)
+    a("--temp", type=positive_float, default=3.0, help="temperature of the text-conditioned frame weights")
+    a("--use_emcl", type=int, default=1, choices=(0, 1))
+    a("--centerK", type=positive_int, default=32)
+    a("--stage_num", type=positive_int, default=9)
+    a("--momentum", type=fraction, default=0.9)
+    a("--lamd", type=positive_float, default=1.0)
+    a("--beta", type=nonneg_float, default=3.0)
     a("--em_init", default="upstream", choices=("upstream", "gaussian", "linspace"))
     a("--clip_path", default="ViT-B/32", help="CLIP weights (file or name); ignored when clip_config is set")
-    a("--init_model", default=None, help="EMCL-Net checkpoint to start from or to evaluate")
-    a("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pt")
-    a("--output_dir", default="runs/emcl")
-    a("--seed", type=int, default=42)
-    a("--workers", type=int, default=4)
-    a("--device", default=None, choices=("cpu", "cuda"))
-    a("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA")
-    a("--eval_split", default="test", choices=("val", "test"), help="split of the final evaluation")
     a(
         "--eval_block",
-        default="query",
-        choices=("paper", "query", "none"),
-        help="paper: EM per 32x32 block as the reference; query: EM per text over all videos; none: no EM",
+        default="paper",
+        choices=EVAL_POLICIES,
+        help="headline policy (all three are reported): paper: EM per 32x32 block as the reference; "
+        "query: EM per text over all videos; none: no EM",
     )
-    a("--eval_block_size", type=int, default=32)
+    a("--eval_block_size", type=positive_int, default=32)
     a(
-        "--select_on_test",
-        action="store_true",
-        help="select the epoch on the test split, as the reference did (results are labelled as such)",
+        "--multi_positive",
+        type=int,
+        default=0,
+        choices=(0, 1),
+        help="other captions of the same video in a batch are positives, not negatives (reference: 0)",
     )
     a(
-        "--faithful",
-        action="store_true",
-        help="reference optimisation: Adam without bias correction, frozen CLIP, its decay groups, 1/W grads",
+        "--grad_checkpointing",
+        nargs="?",
+        const="blocks",
+        default="none",
+        choices=("none", "blocks", "attn", "mlp"),
+        help="recompute CLIP activations in the backward pass: whole blocks (the bare flag), or only their "
+        "attention or MLP parts (PERFORMANCE.md)",
     )
-    a("--grad_checkpointing", action="store_true")
-    a("--compile", action="store_true", help="torch.compile the encoders")
-    a("--n_display", type=int, default=50, help="log every n steps")
-    a("--_kill_after_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: die like a killed job
-    return p
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags over ``--config``; checks that need several options at once."""
-    cfg = parse_args(build_parser(), argv, EXTRA_KEYS)
-    if not (cfg.do_train or cfg.do_eval):
-        raise SystemExit("nothing to do: pass --do_train 1 and/or --do_eval 1")
-    if cfg.do_eval and not cfg.do_train and not cfg.init_model:
-        raise SystemExit("--do_eval 1 without training needs --init_model CHECKPOINT")
-    return cfg
+    a("--checkpoint_layers", type=positive_int, default=None, help="checkpoint only the first N blocks")
+    a("--lean_activations", type=int, default=0, choices=(0, 1), help="fewer saved activations (same math)")
+    a("--memory_budget", type=fraction, default=None, help="compiled runs: activation-memory budget (0..1)")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -142,12 +127,10 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
     """CLIP (from ``clip_config`` or pretrained ``clip_path``) plus the EMCL-Net head."""
     torch.manual_seed(cfg.seed)
     if cfg.clip_config:
-        clip = build_clip(**cfg.clip_config)
+        clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
     else:
         clip = load_clip(cfg.clip_path)
-    if cfg.grad_checkpointing:
-        clip.set_grad_checkpointing(True)
-    return EMCLNet(
+    model = EMCLNet(
         clip,
         agg_module=cfg.agg_module,
         agg_layers=cfg.agg_layers,
@@ -161,6 +144,11 @@ def build_model(cfg: argparse.Namespace) -> EMCLNet:
         em_init=cfg.em_init,
         seed=cfg.seed,
     )
+    # after the head is built: the frame transformer's copies of the text blocks are not checkpointed
+    model.clip.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", "none"), cfg.checkpoint_layers)
+    if cfg.lean_activations:
+        model.clip.set_lean_activations(True)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -169,15 +157,23 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     and no data was given on the command line."""
     if cfg.anno_path is not None or not cfg.synthetic:
         if cfg.anno_path is None:
-            raise SystemExit("--anno_path is required (or use a config with a synthetic dataset)")
+            raise UserError("--anno_path is required (or use a config with a synthetic dataset)")
         return
     from emcl.data.cache import build_cache
     from emcl.data.synthetic import make_synthetic
 
-    syn = dict(cfg.synthetic)
+    params = inspect.signature(make_synthetic).parameters
+    syn = check_keys(
+        cfg.synthetic,
+        [*(k for k in params if k not in ("out", "format")), "out", "frame_cache"],
+        f"{cfg.config or 'config'}: synthetic",
+        required=[k for k, p in params.items() if p.default is p.empty and k != "out"],
+    )
     out = Path(syn.pop("out", "data/synthetic"))
     use_cache = syn.pop("frame_cache", False) and cfg.frame_cache is None
-    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px.h5"
+    rounding = index_rounding(cfg)
+    suffix = "" if rounding == "round" else f"_{rounding}"
+    cache = out / f"frames_{cfg.max_frames}x{cfg.video_framerate:g}fps_{cfg.image_size}px{suffix}.h5"
     if info.is_main:
         make_synthetic(out, format=cfg.datatype, **syn)
         if use_cache:
@@ -189,6 +185,7 @@ def prepare_data(cfg: argparse.Namespace, info: dist.DistInfo) -> None:
                 size=cfg.image_size,
                 workers=min(2, cfg.workers),
                 backend=cfg.decode_backend,
+                index_rounding=rounding,
             )
     dist.barrier()
     cfg.anno_path = str(out / "annotations")
@@ -207,7 +204,13 @@ def video_source(cfg: argparse.Namespace) -> VideoSource:
         frame_cache=cfg.frame_cache,
         any_extension=cfg.datatype == "msvd",
         cache_in_memory=bool(cfg.cache_in_memory),
+        index_rounding=index_rounding(cfg),
     )
+
+
+def index_rounding(cfg: argparse.Namespace) -> str:
+    """Evenly spaced frame indices: rounded (ours) or truncated as the reference (``--faithful``)."""
+    return "floor" if cfg.faithful else "round"
 
 
 def split_options(cfg: argparse.Namespace) -> dict[str, Any]:
@@ -216,9 +219,9 @@ def split_options(cfg: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def has_val(cfg: argparse.Namespace) -> bool:
-    """Whether the dataset, under these options, has a validation split (for model selection)."""
-    return has_split(cfg.datatype, "val", cfg.anno_path, **split_options(cfg))
+def has_dataset_split(cfg: argparse.Namespace, split: str) -> bool:
+    """Whether the dataset, under these options, has ``split`` (e.g. a validation split for selection)."""
+    return has_split(cfg.datatype, split, cfg.anno_path, **split_options(cfg))
 
 
 def get_split(cfg: argparse.Namespace, split: str) -> RetrievalSplit:
@@ -252,21 +255,23 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
         workers=cfg.workers,
         distributed=False,
     )
+    # batches copied ahead on a side stream; when compiled, the last short batch is padded to one shape
+    pad = getattr(cfg, "_compiled", False)
     t_parts, t_idx = [], []
-    for b in text_loader:
+    for b in prefetch_to_device(text_loader, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["caption_index"]))
         with autocast(device, cfg.precision):
-            t_parts.append(model.encode_text(b["text_ids"].to(device), b["text_mask"].to(device)).float())
-        t_idx.append(b["caption_index"].to(device))
+            t_parts.append(model.encode_text(b["text_ids"], b["text_mask"])[:n].float())
+        t_idx.append(b["caption_index"][:n])
     f_parts, m_parts, v_idx, valid = [], [], [], []
     bar = tqdm(video_loader, desc=f"features {split.split}", disable=not info.is_main, leave=False)
-    for b in bar:
-        frames = b["frames"].to(device, non_blocking=True)
-        mask = b["frame_mask"].to(device, non_blocking=True)
+    for b in prefetch_to_device(bar, device):
+        b, n = pad_rows(b, cfg.batch_size_val) if pad else (b, len(b["video_index"]))
         with autocast(device, cfg.precision):
-            f_parts.append(model.encode_video(frames, mask).float())
-        m_parts.append(mask)
-        v_idx.append(b["video_index"].to(device))
-        valid.append(b["valid"].to(device))
+            f_parts.append(model.encode_video(b["frames"], b["frame_mask"])[:n].float())
+        m_parts.append(b["frame_mask"][:n])
+        v_idx.append(b["video_index"][:n])
+        valid.append(b["valid"][:n])
     d, n_frames = model.clip.embed_dim, cfg.max_frames
 
     def cat(parts, shape, dtype):
@@ -290,8 +295,12 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
 
 
 @torch.no_grad()
-def evaluate(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistInfo) -> dict[str, Any]:
-    """Cache features once, build the full score matrix on the device (rows shared by ranks), metrics."""
+def evaluate_split(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistInfo) -> dict[str, Any]:
+    """Cache features once, then score them under every policy (``paper``, ``query``, ``none``).
+
+    The headline rows (``t2v``, ``v2t``, ...) follow ``--eval_block``; all three policies are kept under
+    ``policies``. Score matrices are built on the device, their rows shared by the ranks.
+    """
     model.eval()
     start = time.perf_counter()
     t, f, m, ok = extract_features(model, split, cfg, info)
@@ -306,76 +315,75 @@ def evaluate(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistInfo) ->
             num_bad,
             ", ".join(bad_ids[:20]),
         )
+        check_skip_fraction(bad_ids, len(split.video_ids), f"{split.datatype}/{split.split}", cfg)
         keep_v = ok.nonzero().flatten()
         new_index = torch.full_like(ok, -1, dtype=torch.long)
         new_index[keep_v] = torch.arange(len(keep_v), device=t.device)
         keep_t = ok[caption_video]
         t, caption_video = t[keep_t], new_index[caption_video[keep_t]]
         f, m = f[keep_v], m[keep_v]
-    emcl = model.emcl if cfg.eval_block != "none" else None
-
-    def score_fn(tb, fb, mb):  # float32, autocast off (emcl_scores and score_matrix see to it)
-        return emcl_scores(tb, fb, mb, emcl, model.temp)
-
-    rows = score_matrix(
-        score_fn,
-        t,
-        f,
-        m,
-        mode=cfg.eval_block,
-        block=cfg.eval_block_size,
-        rank=info.rank,
-        world_size=info.world_size,
-    )
-    sim = dist.gather_tensors_no_grad(rows)
-    results = evaluate_similarity(sim, caption_video)
+    extract_s = time.perf_counter() - start
+    policies: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for policy in EVAL_POLICIES:
+        t0 = time.perf_counter()
+        emcl = model.emcl if policy != "none" else None
+        if emcl is None and policy != "none":
+            continue  # a model without EMCL scores the same under every policy
+        rows = score_matrix(
+            partial(emcl_scores, emcl=emcl, temp=model.temp),
+            t,
+            f,
+            m,
+            mode=policy,
+            block=cfg.eval_block_size,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
+        sim = dist.gather_tensors_no_grad(rows)
+        policies[policy] = evaluate_similarity(sim, caption_video)
+        seconds[policy] = round(time.perf_counter() - t0, 3)
+    if model.emcl is None:  # say so rather than copy numbers under the EM policies' names
+        log.info("the model has no EMCL layer: only policy 'none' is scored")
+    headline = cfg.eval_block if cfg.eval_block in policies else "none"
+    results: dict[str, Any] = dict(policies[headline])
     results.update(
-        eval_block=cfg.eval_block,
-        num_texts=int(sim.shape[0]),
-        num_videos=int(sim.shape[1]),
+        eval_block=headline,
+        policies=policies,
+        num_texts=int(t.shape[0]),
+        num_videos=int(f.shape[0]),
         num_skipped_videos=num_bad,
-        seconds=round(time.perf_counter() - start, 2),
+        seconds={"features": round(extract_s, 2), **seconds},
     )
     return results
 
 
-# -------------------------------------------------------------------------------------------- training
-def unwrap(model) -> EMCLNet:
-    return model.module if isinstance(model, DistributedDataParallel) else model
+def evaluate(model: EMCLNet, split: str, cfg, info: dist.DistInfo) -> dict[str, Any]:
+    """The run loop's evaluation of ``split`` ("val" or "test")."""
+    return evaluate_split(model, get_split(cfg, split), cfg, info)
 
 
-def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, best: dict, cfg) -> dict[str, Any]:
-    return {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "best": best,
-        "config": config_dict(cfg),
-    }
-
-
-def config_dict(cfg: argparse.Namespace) -> dict[str, Any]:
-    return dict(vars(cfg))
-
-
-def _group_lr(optimizer, prefix: str) -> float | None:
-    """Current learning rate of the first parameter group whose name starts with ``prefix``."""
-    return next((g["lr"] for g in optimizer.param_groups if str(g.get("name", "")).startswith(prefix)), None)
+def format_results(res: dict[str, Any]) -> str:
+    """The headline table, then one line per policy and direction: the policies side by side."""
+    lines = [f"headline policy: {res['eval_block']} ({res['num_texts']} texts x {res['num_videos']} videos)"]
+    lines.append(format_table({k: v for k, v in res.items() if k in (*DIRECTIONS, *CAPTION_DIRECTIONS)}))
+    keys = ("R1", "R5", "R10", "R50", "MdR", "MnR")
+    lines.append(f"{'policy':<7} {'direction':<17}" + "".join(f"{k:>8}" for k in keys))
+    for policy, rows in res["policies"].items():
+        for direction, row in rows.items():
+            lines.append(f"{policy:<7} {direction:<17}" + "".join(f"{row[k]:>8.1f}" for k in keys))
+    return "\n".join(lines)
 
 
 def select_key(results: dict) -> tuple[float, float, float]:
-    """Model selection on text-to-video R@1, then R@5 and R@10 as tie-breakers."""
+    """Model selection on text-to-video R@1, then R@5 and R@10 as tie-breakers (headline policy)."""
     r = results["t2v"]
     return r["R1"], r["R5"], r["R10"]
 
 
-def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Path) -> dict[str, Any]:
-    """Train for ``epochs``, checkpoint every epoch, select on val (or test with --select_on_test)."""
-    device = info.device
-    if cfg.batch_size % info.world_size:
-        raise SystemExit(f"--batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes")
+# -------------------------------------------------------------------------------------------- training
+def build_train_loader(cfg: argparse.Namespace, info: dist.DistInfo):
+    """Per-rank loader over every training caption; augmentation keyed by (seed, epoch, index)."""
     per_rank = cfg.batch_size // info.world_size
     train_split = get_split(cfg, "train")
     augment = None
@@ -392,10 +400,10 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
         seed=cfg.seed,
     )
     if len(train_ds) < cfg.batch_size:
-        raise SystemExit(
+        raise UserError(
             f"training set has {len(train_ds)} captions, fewer than --batch_size {cfg.batch_size}"
         )
-    loader = build_loader(
+    return build_loader(
         train_ds,
         batch_size=per_rank,
         shuffle=True,
@@ -405,216 +413,129 @@ def train(cfg: argparse.Namespace, model: EMCLNet, info: dist.DistInfo, out: Pat
         collate_fn=collate_skip,
         epoch_keys=True,  # augmentation seeded by (seed, epoch, index): identical after --resume
     )
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
 
-    if cfg.faithful:  # the reference's fp16 CLIP (logit_scale included) at lr 1e-7 does not move: freeze it
+
+def _gather(cfg: argparse.Namespace):
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            return dist.gather_tensors_no_grad(x)
+        # with skipped videos the ranks' batches can differ in length
+        return dist.all_gather_with_grad(x, reduce_grads=not cfg.faithful, variable=cfg.skip_bad_videos)
+
+    return gather
+
+
+def train_step(
+    ddp, model: EMCLNet, batch: dict, cfg: argparse.Namespace, info: dist.DistInfo
+) -> torch.Tensor:
+    """The contrastive loss of one batch (features gathered across ranks with gradient)."""
+    device = info.device
+    return ddp(
+        batch["text_ids"].to(device, non_blocking=True),
+        batch["text_mask"].to(device, non_blocking=True),
+        batch["frames"].to(device, non_blocking=True),
+        batch["frame_mask"].to(device, non_blocking=True),
+        gather=_gather(cfg) if info.world_size > 1 else None,
+        video_ids=batch["video_index"].to(device, non_blocking=True) if cfg.multi_positive else None,
+    )
+
+
+def build_optimizer(model: EMCLNet, cfg: argparse.Namespace, total_steps: int, steps_per_epoch: int):
+    """AdamW with backbone / new groups and warmup-cosine; ``--faithful`` freezes CLIP (the reference's
+    fp16 CLIP at lr 1e-7 does not move) and uses its Adam and schedule."""
+    if cfg.faithful:
         model.clip.requires_grad_(False)
     groups = param_groups(model, cfg.lr, cfg.coef_lr, cfg.weight_decay, faithful=cfg.faithful)
-    optimizer = build_optimizer(groups, faithful=cfg.faithful)
-    scheduler = build_scheduler(optimizer, total_steps, cfg.warmup_proportion, faithful=cfg.faithful)
+    optimizer = _build_optimizer(groups, faithful=cfg.faithful)
+    return optimizer, build_scheduler(optimizer, total_steps, cfg.warmup_proportion, faithful=cfg.faithful)
 
-    start_epoch, step, best = 0, 0, {}
-    last = out / "checkpoint_last.pt"
-    if cfg.resume and last.is_file():
-        ck = load_checkpoint(last, map_location=device)
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, step, best = ck["epoch"], ck["step"], ck["best"]
-        log.info("resumed from %s at epoch %d, step %d", last, start_epoch, step)
-    elif cfg.resume:
-        log.info("--resume: no %s yet, starting from scratch", last)
 
-    if cfg.compile:  # in place: module tree and checkpoint keys stay as they are
-        model.clip.visual.compile()
-        model.clip.transformer.compile()
-    ddp = model
-    if info.world_size > 1:
-        ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
-        )
-    gather = None
-    if info.world_size > 1:
+def after_step(model: EMCLNet) -> None:
+    model.clamp_logit_scale(100.0)
 
-        def gather(x):  # noqa: E306 - closure over the reduce mode
-            if not x.is_floating_point():
-                return dist.gather_tensors_no_grad(x)
-            # with skipped videos the ranks' batches can differ in length
-            return dist.all_gather_with_grad(x, reduce_grads=not cfg.faithful, variable=cfg.skip_bad_videos)
 
-    select_split = "test" if cfg.select_on_test else ("val" if has_val(cfg) else None)
-    select_data = get_split(cfg, select_split) if select_split else None
-    history = best.get("history", [])
-    skipped_all: set[str] = set(best.get("skipped_ids", []))
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps and step >= cfg.max_steps:
-            break
-        model.train()
-        set_epoch(loader, epoch)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main)
-        t0, seen, skipped, loss_sum = time.perf_counter(), 0, 0, torch.zeros((), device=device)
-        skipped_ids: set[str] = set()
-        n_steps = 0
-        for batch in bar:
-            skipped += batch["num_skipped"]
-            skipped_ids.update(batch["skipped_ids"])
-            if "text_ids" not in batch:  # every clip of this batch was unreadable
-                if info.world_size > 1:
-                    raise RuntimeError(
-                        f"rank {info.rank}: every clip of a batch was unreadable: "
-                        f"{', '.join(batch['skipped_ids'])}"
-                    )
-                continue
-            ids = batch["text_ids"].to(device, non_blocking=True)
-            tmask = batch["text_mask"].to(device, non_blocking=True)
-            frames = batch["frames"].to(device, non_blocking=True)
-            fmask = batch["frame_mask"].to(device, non_blocking=True)
-            with autocast(device, cfg.precision):
-                loss = ddp(ids, tmask, frames, fmask, gather=gather)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            model.clamp_logit_scale(100.0)
-            step += 1
-            n_steps += 1
-            seen += ids.shape[0] * info.world_size
-            loss_sum += loss.detach()
-            if step % cfg.n_display == 0 or step == total_steps:
-                rate = seen / (time.perf_counter() - t0)
-                eta = (total_steps - step) * cfg.batch_size / max(rate, 1e-9)
-                mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-                msg = dict(
-                    loss=f"{loss.item():.4f}",
-                    lr=f"{scheduler.get_last_lr()[-1]:.2e}",
-                    clips_s=f"{rate:.1f}",
-                    eta=f"{eta / 60:.1f}m",
-                    mem_gb=f"{mem:.1f}",
-                )
-                bar.set_postfix(msg)
-                log.info(
-                    "epoch %d step %d/%d %s",
-                    epoch + 1,
-                    step,
-                    total_steps,
-                    " ".join(f"{k}={v}" for k, v in msg.items()),
-                )
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
-        if info.world_size > 1:  # every rank skipped its own samples
-            skipped = sum(dist.all_gather_object_list(skipped))
-            skipped_ids = set().union(*dist.all_gather_object_list(sorted(skipped_ids)))
-        skipped_all |= skipped_ids
-        epoch_loss = float(loss_sum / max(1, n_steps))
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": epoch_loss,
-            # learning rates at the end of the epoch: the new parameters' and the backbone's
-            "lr": _group_lr(optimizer, "new"),
-            "lr_backbone": _group_lr(optimizer, "backbone"),
-            "skipped_videos": len(skipped_ids),
-            "skipped_samples": skipped,
-        }
-        if skipped:
+def check_data(cfg: argparse.Namespace, splits: list[str]) -> None:
+    """Before the first step: parse every split the run uses and stat each of its videos.
+
+    A missing or empty video is an error; with ``--skip_bad_videos`` up to ``--max_skip_fraction`` of a
+    split's videos may be missing (logged; they are skipped like unreadable ones)."""
+    source = video_source(cfg)
+    for name in splits:
+        split = get_split(cfg, name)
+        what = f"{split.datatype}/{name}"
+        if not cfg.skip_bad_videos:
+            check_videos_exist(source, split.video_ids, what)
+            continue
+        bad = missing_videos(source, split.video_ids)
+        if bad:
             log.warning(
-                "epoch %d: skipped %d sample(s) of %d unreadable video(s): %s",
-                epoch + 1,
-                skipped,
-                len(skipped_ids),
-                ", ".join(sorted(skipped_ids)[:20]),
+                "%s: %d missing or empty video(s) will be skipped: %s",
+                what,
+                len(bad),
+                ", ".join(list(bad)[:20]),
             )
-        if select_data is not None:
-            res = evaluate(model, select_data, cfg, info)
-            record[select_split] = res
-            log.info("epoch %d %s:\n%s", epoch + 1, select_split, format_table(res))
-            if not best.get("results") or select_key(res) > select_key(best["results"]):
-                best.update(results=res, epoch=epoch + 1)
-                if info.is_main:
-                    save_torch(
-                        {**checkpoint_state(model, optimizer, scheduler, epoch + 1, step, best, cfg)},
-                        out / "checkpoint_best.pt",
-                    )
-        history.append(record)
-        best.update(history=history, skipped_ids=sorted(skipped_all))
-        if info.is_main:
-            save_torch(checkpoint_state(model, optimizer, scheduler, epoch + 1, step, best, cfg), last)
-            save_json(
-                {"train": {"history": history, "skipped_videos": len(skipped_all)}}, out / "metrics.json"
-            )
-        log.info("epoch %d done: loss %.4f (%.0f s)", epoch + 1, epoch_loss, time.perf_counter() - t0)
-        if cfg._kill_after_epoch == epoch + 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-        dist.barrier()
-    if select_data is None and info.is_main:  # no selection split: the last epoch is the model
-        import shutil
-
-        shutil.copyfile(last, out / "checkpoint_best.pt")
-    dist.barrier()
-    return {
-        "history": history,
-        "skipped_videos": len(skipped_all),
-        "skipped_video_ids": sorted(skipped_all),
-        "selected_epoch": best.get("epoch"),
-        "selected_on": select_split or "last_epoch",
-    }
+            SkipBudget(len(split.video_ids), cfg.max_skip_fraction, what).add(bad)
 
 
-# ------------------------------------------------------------------------------------------------ main
+def compile_targets(model: EMCLNet) -> list[torch.nn.Module]:
+    """Compiled in place, so module trees and checkpoint keys stay as they are."""
+    return [model.clip.visual, model.clip.transformer]
+
+
+ARCH_KEYS = ("clip_config", "clip_path", "agg_module", "agg_layers", "use_emcl", "centerK")
+SCORE_KEYS = (
+    "temp",
+    "centerK",
+    "stage_num",
+    "lamd",
+    "beta",
+    "em_init",
+    "agg_module",
+    "max_words",
+    "max_frames",
+    "video_framerate",
+    "image_size",
+    "eval_block",
+    "eval_block_size",
+)
+EXPERIMENT_KEYS = (
+    "multi_positive",
+    "datatype",
+    "msrvtt_train",
+    "augment",
+    "momentum",
+    "max_words",
+    "max_frames",
+    "video_framerate",
+)
+
+TASK = Task(
+    name="retrieval",
+    module=__name__ if __name__ != "__main__" else "video_retrieval.emcl_net.main_task_retrieval",
+    add_arguments=add_arguments,
+    build_model=build_model,
+    build_train_loader=build_train_loader,
+    train_step=train_step,
+    evaluate=evaluate,
+    has_split=has_dataset_split,
+    select_key=select_key,
+    format_results=format_results,
+    check_data=check_data,
+    prepare_data=prepare_data,
+    build_optimizer=build_optimizer,
+    after_step=after_step,
+    compile_targets=compile_targets,
+    extra_config_keys=EXTRA_KEYS,
+    arch_keys=ARCH_KEYS,
+    score_keys=SCORE_KEYS,
+    experiment_keys=EXPERIMENT_KEYS,
+)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse(argv)
-    info = dist.init_distributed(cfg.device)
-    out = Path(cfg.output_dir)
-    setup_logging(out, info.rank)
-    dist.seed_everything(cfg.seed, info.rank)
-    prepare_data(cfg, info)
-    if cfg.eval_split == "val" and not has_val(cfg):
-        raise SystemExit(f"--eval_split val: {cfg.datatype} has no validation split under these options")
-    if info.is_main:
-        save_yaml(config_dict(cfg), out / "config.yaml")
-    log.info("device %s, %d process(es); output %s", info.device, info.world_size, out)
-
-    model = build_model(cfg)
-    if cfg.init_model:
-        ck = load_checkpoint(cfg.init_model)
-        model.load_state_dict(ck["model"] if "model" in ck else ck)
-        log.info("loaded %s", cfg.init_model)
-    model.to(info.device)
-
-    metrics: dict[str, Any] = {}
-    if cfg.do_train:
-        metrics["train"] = train(cfg, model, info, out)
-        best = load_checkpoint(out / "checkpoint_best.pt", map_location=info.device)
-        model.load_state_dict(best["model"])  # evaluate exactly the weights that were saved
-        metrics["train"]["evaluated_checkpoint"] = "checkpoint_best.pt"
-    splits = [cfg.eval_split]
-    if cfg.eval_split == "test" and has_val(cfg) and not cfg.do_train and cfg.do_eval:
-        splits = ["val", "test"]
-    for split in splits:
-        res = evaluate(model, get_split(cfg, split), cfg, info)
-        if cfg.select_on_test and cfg.do_train:
-            res["selected_on_test"] = True
-        metrics[split] = res
-        log.info(
-            "%s results (%s, eval_block=%s, %d texts x %d videos):\n%s",
-            split,
-            cfg.datatype,
-            res["eval_block"],
-            res["num_texts"],
-            res["num_videos"],
-            format_table(res),
-        )
-    if info.is_main:
-        save_json(metrics, out / "metrics.json")
-        log.info("metrics written to %s", out / "metrics.json")
-    dist.cleanup()
-    return metrics
+    """Train and/or evaluate EMCL-Net; see the module docstring."""
+    return run(TASK, argv, description=__doc__)
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

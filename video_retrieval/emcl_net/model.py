@@ -14,7 +14,7 @@ from torch import nn
 
 from emcl.clip import CLIPBackbone, normalize_frames
 from emcl.em import EMCL, em_reconstruct
-from emcl.loss import symmetric_ce
+from emcl.loss import multi_positive_ce, symmetric_ce
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,17 @@ class EMCLNet(nn.Module):
         """Cosine scores of texts x videos (see :func:`emcl_scores`); leading block dims allowed."""
         return emcl_scores(t, f, mask, self.emcl, self.temp, update=update)
 
-    def loss_from_features(self, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Symmetric cross-entropy on ``exp(logit_scale) * scores`` for matched (text, video) rows."""
+    def loss_from_features(
+        self, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, video_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Symmetric cross-entropy on ``exp(logit_scale) * scores`` for matched (text, video) rows.
+
+        With ``video_ids`` (B,) (``--multi_positive``), rows showing the same video are all positives
+        (:func:`emcl.loss.multi_positive_ce`) instead of negatives; without, the reference's loss.
+        """
         s = self.scores(t, f, mask, update=self.training)
-        return symmetric_ce(self.logit_scale.exp() * s)
+        logits = self.logit_scale.exp() * s
+        return symmetric_ce(logits) if video_ids is None else multi_positive_ce(logits, video_ids)
 
     def forward(
         self,
@@ -215,13 +222,17 @@ class EMCLNet(nn.Module):
         frames: torch.Tensor,
         frame_mask: torch.Tensor,
         gather=None,
+        video_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Training loss on a batch; ``gather`` (e.g. all-gather with gradient) merges ranks' features."""
+        """Training loss on a batch; ``gather`` (e.g. all-gather with gradient) merges ranks' features,
+        and ``video_ids`` (the batch's ``video_index``, for the multi-positive loss) like them."""
         t = self.encode_text(text_ids, text_mask)
         f = self.encode_video(frames, frame_mask)
         if gather is not None:
             t, f, frame_mask = gather(t), gather(f), gather(frame_mask)
-        return self.loss_from_features(t, f, frame_mask)
+            if video_ids is not None:
+                video_ids = gather(video_ids)
+        return self.loss_from_features(t, f, frame_mask, video_ids)
 
     @torch.no_grad()
     def clamp_logit_scale(self, max_value: float = 100.0) -> None:

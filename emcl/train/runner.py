@@ -1,0 +1,700 @@
+"""The one run loop every trainer shares (EMCL-Net, EMCL-QA, joint training).
+
+A task supplies a :class:`Task`: its flags, model, training loader, one training step, the evaluation of
+a split and the key that ranks two evaluations. :func:`run` does the rest, once for every task:
+
+- flags over ``--config`` (the common flags below plus the task's), torchrun setup, seeding;
+- the output folder: one run per folder (a lock held for the whole run), no silent reuse of a finished
+  run (``--resume`` continues, ``--overwrite`` starts again);
+- checkpoints compared with the current settings before anything is loaded (``--init_model``,
+  ``--resume``); eval-only runs take the settings that define the scores from the checkpoint;
+- every split the run will use parsed and its videos checked before the first step;
+- the epoch loop: progress bar, log lines, skipped-video counting, a non-finite guard, optional
+  TensorBoard; checkpoints every epoch, selection on a split, resume;
+- the final evaluation, ``metrics.json`` (strict JSON, atomic) and the training-curve PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from emcl import dist
+from emcl.fileio import save_json, save_torch, save_yaml
+from emcl.train import guards
+from emcl.train.amp import autocast
+from emcl.train.checkpoint import load_checkpoint
+from emcl.train.config import fraction, nonneg_float, nonneg_int, parse_args, positive_float, positive_int
+from emcl.train.errors import UserError
+from emcl.train.logs import setup_logging
+from emcl.train.optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger("emcl.run")
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradient norm became NaN or infinite: the run stops before saving that state."""
+
+
+@dataclass
+class Task:
+    """What a task supplies to :func:`run` (see ``emcl/train/README`` in DESIGN.md)."""
+
+    name: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    build_model: Callable[[argparse.Namespace], nn.Module]
+    build_train_loader: Callable[[argparse.Namespace, dist.DistInfo], Any]
+    train_step: Callable[[nn.Module, nn.Module, dict, argparse.Namespace, dist.DistInfo], torch.Tensor]
+    evaluate: Callable[[nn.Module, str, argparse.Namespace, dist.DistInfo], dict]
+    has_split: Callable[[argparse.Namespace, str], bool]
+    select_key: Callable[[dict], tuple]
+    format_results: Callable[[dict], str]
+    check_data: Callable[[argparse.Namespace, list[str]], None] | None = None
+    prepare_data: Callable[[argparse.Namespace, dist.DistInfo], None] | None = None
+    build_optimizer: Callable[[nn.Module, argparse.Namespace, int, int], tuple[Any, Any]] | None = None
+    after_step: Callable[[nn.Module], None] | None = None
+    clip_grad: Callable[[nn.Module, argparse.Namespace], torch.Tensor | None] | None = None
+    compile_targets: Callable[[nn.Module], list[nn.Module]] | None = None
+    extra_config_keys: tuple[str, ...] = ()
+    arch_keys: tuple[str, ...] = ()
+    score_keys: tuple[str, ...] = ()
+    experiment_keys: tuple[str, ...] = ()
+    module: str = ""  # importable module of the task (saved as ``task_module`` for tools that load runs)
+
+
+# ------------------------------------------------------------------------------------------------ flags
+COMMON_EXPERIMENT_KEYS = (
+    "anno_path",
+    "video_path",
+    "batch_size",
+    "lr",
+    "coef_lr",
+    "weight_decay",
+    "warmup_proportion",
+    "max_grad_norm",
+    "faithful",
+    "seed",
+)
+
+
+def _compile_mode(value: str) -> str:
+    v = str(value).lower()
+    table = {"auto": "auto", "1": "1", "true": "1", "on": "1", "0": "0", "false": "0", "off": "0"}
+    if v not in table:
+        raise argparse.ArgumentTypeError(f"must be auto, 1 or 0, got {value!r}")
+    return table[v]
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every trainer has; tasks add their own with ``Task.add_arguments``."""
+    a = p.add_argument
+    a("--config", default=None, help="YAML file of option defaults; flags given here override it")
+    a("--do_train", type=int, default=0, choices=(0, 1))
+    a("--do_eval", type=int, default=0, choices=(0, 1))
+    a("--output_dir", default="runs/emcl")
+    a("--anno_path", default=None, help="folder of the dataset's annotation files")
+    a("--video_path", default=None, help="folder of the videos")
+    a("--frame_cache", default=None, help="HDF5 frame store from scripts/cache_frames.py")
+    a("--cache_in_memory", type=int, default=0, choices=(0, 1), help="hold the frame cache in RAM")
+    a("--skip_bad_videos", action="store_true", help="log, count and skip unreadable videos")
+    a(
+        "--max_skip_fraction",
+        type=fraction,
+        default=0.05,
+        help="with --skip_bad_videos: stop once more than this share of a split's videos is unreadable",
+    )
+    a("--batch_size", type=positive_int, default=128, help="global training batch, split across ranks")
+    a("--batch_size_val", type=positive_int, default=64, help="per-rank batch for evaluation")
+    a("--epochs", type=positive_int, default=5)
+    a("--max_steps", type=nonneg_int, default=0, help="stop training after this many steps (0: all epochs)")
+    a("--lr", type=positive_float, default=1e-4)
+    a("--coef_lr", type=nonneg_float, default=1e-3, help="backbone lr = lr * coef_lr")
+    a("--weight_decay", type=nonneg_float, default=0.2)
+    a("--warmup_proportion", type=fraction, default=0.1)
+    a("--max_grad_norm", type=nonneg_float, default=1.0, help="0: no clipping")
+    a("--init_model", default=None, help="checkpoint to start from or to evaluate")
+    a("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pt")
+    a("--overwrite", action="store_true", help="replace the results of an earlier run in output_dir")
+    a("--seed", type=int, default=42)
+    a("--workers", type=nonneg_int, default=4)
+    a("--device", default=None, choices=("cpu", "cuda"))
+    a("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA")
+    a("--eval_split", default="test", choices=("val", "test"), help="split of the final evaluation")
+    a(
+        "--select_on_test",
+        action="store_true",
+        help="select the epoch on the test split, as the reference did (results are labelled as such)",
+    )
+    a("--faithful", action="store_true", help="the reference's behaviour where ours differs (README)")
+    a("--compile", type=_compile_mode, default="auto", help="torch.compile: auto (on for CUDA), 1 or 0")
+    a("--n_display", type=positive_int, default=50, help="log every n steps")
+    a("--tensorboard", action="store_true", help="also log to TensorBoard in output_dir/tensorboard")
+    a("--debug", action="store_true", help="show tracebacks of errors a user can fix")
+    a("--_kill_after_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: die like a killed job
+
+
+def build_parser(task: Task, description: str | None = None) -> argparse.ArgumentParser:
+    """Common flags plus the task's; abbreviations are refused (``--lam`` is not ``--lamd``)."""
+    p = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    add_common_arguments(p)
+    task.add_arguments(p)
+    return p
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The options given on the command line (not from ``--config`` nor defaults)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kw: dict[str, Any] = {"dest": action.dest, "default": argparse.SUPPRESS}
+            if action.nargs == 0:
+                kw["action"] = "store_const"
+                kw["const"] = True
+            else:
+                kw["nargs"] = action.nargs
+            probe.add_argument(*action.option_strings, **kw)
+    known, _ = probe.parse_known_args(list(argv))
+    return set(vars(known))
+
+
+def parse(
+    task: Task, argv: Sequence[str] | None = None, description: str | None = None
+) -> argparse.Namespace:
+    """Flags over ``--config``; ``cfg._explicit`` holds the names given on the command line.
+
+    An explicit ``--do_eval 1`` without an explicit ``--do_train`` means evaluation only, as users of the
+    reference expect, whatever the config file says.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(task, description)
+    cfg = parse_args(parser, argv, task.extra_config_keys)
+    cfg._explicit = _explicit_flags(parser, argv)
+    if "do_eval" in cfg._explicit and cfg.do_eval and "do_train" not in cfg._explicit:
+        cfg.do_train = 0
+    if not (cfg.do_train or cfg.do_eval):
+        raise UserError("nothing to do: pass --do_train 1 and/or --do_eval 1")
+    if cfg.do_eval and not cfg.do_train and not cfg.init_model:
+        raise UserError("--do_eval 1 without training needs --init_model CHECKPOINT")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pass one")
+    cfg.task = task.name
+    cfg.task_module = task.module
+    return cfg
+
+
+def config_dict(cfg: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as saved in ``config.yaml`` and checkpoints (private keys left out)."""
+    return {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, best: dict, cfg) -> dict[str, Any]:
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best": best,
+        "config": config_dict(cfg),
+    }
+
+
+def _saved_config(ck: dict, path: str | Path) -> dict[str, Any] | None:
+    saved = ck.get("config") if isinstance(ck, dict) else None
+    if saved is None:
+        log.warning("%s holds no saved config: its settings cannot be checked against this run's", path)
+    return saved
+
+
+def apply_checkpoint_settings(task: Task, cfg: argparse.Namespace, saved: dict[str, Any], path: str) -> None:
+    """Eval-only runs: the settings that define the weights and the scores come from the checkpoint.
+
+    A weight-defining setting given explicitly with another value is an error (the weights cannot be
+    loaded into that model); a score setting given explicitly wins, with a warning naming it.
+    """
+    explicit = cfg._explicit
+    arch_conflicts = []
+    for key in dict.fromkeys((*task.arch_keys, *task.score_keys)):
+        if key not in saved:
+            continue
+        old, new = saved[key], getattr(cfg, key, None)
+        if guards.setting_diffs({key: old}, {key: new}, [key]) == []:
+            continue
+        if key in explicit:
+            if key in task.arch_keys:
+                arch_conflicts.append(f"{key}: {old!r} in the checkpoint, {new!r} given")
+            else:
+                log.warning(
+                    "%s: %s=%r given explicitly; the checkpoint was trained with %r", path, key, new, old
+                )
+        else:
+            log.info("%s: %s=%r taken from the checkpoint (the config says %r)", path, key, old, new)
+            setattr(cfg, key, old)
+    if arch_conflicts:
+        raise UserError(f"{path} cannot be evaluated with these settings: " + "; ".join(arch_conflicts))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _all_ranks(fn: Callable[[], Any], info: dist.DistInfo, rank0_only: bool = False) -> Any:
+    """Run ``fn`` (on rank 0 only if asked); a UserError on any rank is raised on every rank."""
+    err, out = None, None
+    try:
+        if not rank0_only or info.is_main:
+            out = fn()
+    except UserError as e:
+        err = str(e)
+    if info.world_size > 1:
+        errs = [e for e in dist.all_gather_object_list(err) if e]
+        err = errs[0] if errs else None
+    if err:
+        raise UserError(err)
+    return out
+
+
+def _splits_used(task: Task, cfg: argparse.Namespace) -> list[str]:
+    splits = []
+    if cfg.do_train:
+        splits.append("train")
+        if cfg.select_on_test:
+            splits.append("test")
+        elif task.has_split(cfg, "val"):
+            splits.append("val")
+    splits.append(cfg.eval_split)
+    if cfg.do_eval and not cfg.do_train and cfg.eval_split == "test" and task.has_split(cfg, "val"):
+        splits.append("val")
+    return list(dict.fromkeys(splits))
+
+
+def _default_optimizer(model: nn.Module, cfg, total_steps: int, steps_per_epoch: int):
+    groups = param_groups(model, cfg.lr, cfg.coef_lr, cfg.weight_decay, faithful=cfg.faithful)
+    optimizer = build_optimizer(groups, faithful=cfg.faithful)
+    return optimizer, build_scheduler(optimizer, total_steps, cfg.warmup_proportion, faithful=cfg.faithful)
+
+
+def _default_clip(model: nn.Module, cfg) -> torch.Tensor | None:
+    if cfg.max_grad_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    return None
+
+
+class _TensorBoard:
+    """Optional TensorBoard scalars on rank 0 (``--tensorboard``)."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def check_skip_fraction(skipped_ids: set[str] | list[str], total: int, what: str, cfg) -> None:
+    """Stop once more than ``--max_skip_fraction`` of a split's videos proved unreadable (the rule and the
+    message are :class:`emcl.data.video.SkipBudget`'s)."""
+    if total:
+        from emcl.data.video import SkipBudget
+
+        SkipBudget(total, cfg.max_skip_fraction, what).add(sorted(skipped_ids))
+
+
+# ------------------------------------------------------------------------------------------- training
+def _check_finite(first_bad: torch.Tensor, epoch: int, cfg: argparse.Namespace) -> None:
+    """Stop if a step of this epoch had a non-finite loss or gradient norm (one host sync)."""
+    bad = int(first_bad)
+    if bad >= 0:
+        raise NonFiniteError(
+            f"non-finite loss or gradient at epoch {epoch + 1}, step {bad} (--lr {cfg.lr:g}); the run "
+            "stopped before saving that state. Lower --lr, check --temp and the inputs"
+        )
+
+
+def load_resume_checkpoint(
+    task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path
+) -> dict | None:
+    """``--resume``: ``checkpoint_last.pt`` with its saved settings checked against this run's (before
+    anything is written into the folder); None when there is nothing to resume."""
+    last = out / "checkpoint_last.pt"
+    if not (cfg.do_train and cfg.resume and last.is_file()):
+        return None
+    ck = load_checkpoint(last, map_location=info.device)
+    saved = _saved_config(ck, last)
+    if saved is not None:
+        guards.check_settings(
+            saved,
+            config_dict(cfg),
+            must_match=(*task.arch_keys, *COMMON_EXPERIMENT_KEYS, *task.experiment_keys),
+            may_change=("epochs", "max_steps", "workers", "n_display", "batch_size_val", "eval_split"),
+            source=f"checkpoint {last}",
+            action="--resume continues a run with its own settings: use them, or another --output_dir",
+        )
+    return ck
+
+
+def train(
+    task: Task,
+    cfg: argparse.Namespace,
+    model: nn.Module,
+    info: dist.DistInfo,
+    out: Path,
+    resume_ck: dict | None = None,
+) -> dict:
+    """Train for ``epochs``, checkpoint every epoch, select on val (or test with --select_on_test).
+
+    ``resume_ck``: the checked ``checkpoint_last.pt`` (:func:`load_resume_checkpoint`) to continue from."""
+    device = info.device
+    if cfg.batch_size % info.world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes")
+    loader = task.build_train_loader(cfg, info)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise UserError("the training loader yields no batch: fewer training samples than --batch_size?")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    make_opt = task.build_optimizer or _default_optimizer
+    optimizer, scheduler = make_opt(model, cfg, total_steps, steps_per_epoch)
+    clip_grad = task.clip_grad or _default_clip
+    num_train_videos = getattr(loader.dataset, "num_videos", 0)
+
+    start_epoch, step, best = 0, 0, {}
+    last = out / "checkpoint_last.pt"
+    resumed_from = None
+    if cfg.resume and last.is_file():
+        ck = resume_ck if resume_ck is not None else load_resume_checkpoint(task, cfg, info, out)
+        unwrap(model).load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, step, best = ck["epoch"], ck["step"], ck["best"]
+        resumed_from = str(last)
+        log.info("resumed from %s at epoch %d, step %d", last, start_epoch, step)
+    elif cfg.resume:
+        log.warning("--resume: no %s yet, starting from scratch", last)
+
+    ddp = model
+    if info.world_size > 1:
+        ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
+
+    select_split = "test" if cfg.select_on_test else ("val" if task.has_split(cfg, "val") else None)
+    history = best.get("history", [])
+    skipped_all: set[str] = set(best.get("skipped_ids", []))
+    tb = _TensorBoard(out, cfg.tensorboard and info.is_main)
+    check_every_step = device.type != "cuda"  # a host sync per step is free on the CPU
+    from emcl.data.loader import set_epoch
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+        model.train()
+        set_epoch(loader, epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main)
+        t0, seen, skipped, loss_sum = time.perf_counter(), 0, 0, torch.zeros((), device=device)
+        skipped_ids: set[str] = set()
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
+        n_steps = 0
+
+        for batch in bar:
+            skipped += batch.get("num_skipped", 0)
+            if batch.get("skipped_ids"):  # stop as soon as this rank alone has seen too many
+                skipped_ids.update(batch["skipped_ids"])
+                check_skip_fraction(skipped_ids, num_train_videos, "train", cfg)
+            if batch.get("empty"):  # every clip of this batch was unreadable
+                if info.world_size > 1:
+                    raise UserError(
+                        f"rank {info.rank}: every clip of a batch was unreadable: "
+                        f"{', '.join(batch.get('skipped_ids', ()))}"
+                    )
+                continue
+            with autocast(device, cfg.precision):
+                loss = task.train_step(ddp, model, batch, cfg, info)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = clip_grad(model, cfg)
+            finite = torch.isfinite(loss.detach())
+            if norm is not None:
+                finite = finite & torch.isfinite(norm)
+            first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
+            if check_every_step:
+                _check_finite(first_bad, epoch, cfg)
+            optimizer.step()
+            scheduler.step()
+            if task.after_step is not None:
+                task.after_step(model)
+            step += 1
+            n_steps += 1
+            seen += int(batch.get("batch_size", 0)) * info.world_size
+            loss_sum += loss.detach().float()
+            if step % cfg.n_display == 0 or step == total_steps:
+                _check_finite(first_bad, epoch, cfg)
+                rate = seen / (time.perf_counter() - t0)
+                eta = (total_steps - step) * cfg.batch_size / max(rate, 1e-9)
+                mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+                lr_now = scheduler.get_last_lr()[-1]
+                msg = dict(
+                    loss=f"{loss.item():.4f}",
+                    lr=f"{lr_now:.2e}",
+                    clips_s=f"{rate:.1f}",
+                    eta=f"{eta / 60:.1f}m",
+                    mem_gb=f"{mem:.1f}",
+                )
+                bar.set_postfix(msg)
+                log.info(
+                    "epoch %d step %d/%d %s",
+                    epoch + 1,
+                    step,
+                    total_steps,
+                    " ".join(f"{k}={v}" for k, v in msg.items()),
+                )
+                tb.scalar("train/loss", loss.item(), step)
+                tb.scalar("train/lr", lr_now, step)
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        _check_finite(first_bad, epoch, cfg)
+        bad_weights = guards.nonfinite_tensors(unwrap(model))  # e.g. an update that overflowed
+        if bad_weights:
+            raise NonFiniteError(
+                f"non-finite weights after epoch {epoch + 1}, step {step} ({', '.join(bad_weights)}); the "
+                f"run stopped before saving that state. Lower --lr (now {cfg.lr:g})"
+            )
+        if info.world_size > 1:  # every rank skipped its own samples
+            skipped = sum(dist.all_gather_object_list(skipped))
+            skipped_ids = set().union(*dist.all_gather_object_list(sorted(skipped_ids)))
+            n_steps = min(dist.all_gather_object_list(n_steps))
+        if n_steps == 0:
+            raise UserError(
+                f"epoch {epoch + 1} took no training step: every batch was skipped "
+                f"({len(skipped_ids)} unreadable video(s): {', '.join(sorted(skipped_ids)[:10])})"
+            )
+        skipped_all |= skipped_ids
+        if skipped:
+            log.warning(
+                "epoch %d: skipped %d sample(s) of %d unreadable video(s): %s",
+                epoch + 1,
+                skipped,
+                len(skipped_ids),
+                ", ".join(sorted(skipped_ids)[:20]),
+            )
+            check_skip_fraction(skipped_ids, num_train_videos, "train", cfg)
+        epoch_loss = float(loss_sum / n_steps)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": epoch_loss,
+            "lr": scheduler.get_last_lr()[-1],
+            "seconds": round(time.perf_counter() - t0, 2),
+            "skipped_videos": len(skipped_ids),
+            "skipped_samples": skipped,
+        }
+        state = None
+        if select_split is not None:
+            res = task.evaluate(model, select_split, cfg, info)
+            record[select_split] = res
+            log.info("epoch %d %s:\n%s", epoch + 1, select_split, task.format_results(res))
+            key = task.select_key(res)
+            tb.scalar(f"{select_split}/select_key", float(key[0]), epoch + 1)
+            if not best.get("results") or key > task.select_key(best["results"]):
+                best.update(results=res, epoch=epoch + 1)
+                if info.is_main:
+                    state = checkpoint_state(model, optimizer, scheduler, epoch + 1, step, best, cfg)
+                    save_torch(state, out / "checkpoint_best.pt")
+        else:
+            best.update(epoch=epoch + 1)  # no selection split: the last epoch is the model
+        history.append(record)
+        best.update(history=history, skipped_ids=sorted(skipped_all))
+        if info.is_main:
+            state = checkpoint_state(model, optimizer, scheduler, epoch + 1, step, best, cfg)
+            save_torch(state, last)
+            progress = {
+                "finished": False,
+                "train": {"history": history, "skipped_videos": len(skipped_all)},
+                "resumed_from": resumed_from,
+            }
+            save_json(progress, out / "metrics.json")
+        log.info("epoch %d done: loss %.4f (%.0f s)", epoch + 1, epoch_loss, time.perf_counter() - t0)
+        if cfg._kill_after_epoch == epoch + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        dist.barrier()
+    tb.close()
+    dist.barrier()
+    evaluated = "checkpoint_best.pt" if select_split is not None else "checkpoint_last.pt"
+    return {
+        "history": history,
+        "skipped_videos": len(skipped_all),
+        "skipped_video_ids": sorted(skipped_all),
+        "selected_epoch": best.get("epoch"),
+        "selected_on": select_split or "last_epoch",
+        "evaluated_checkpoint": evaluated,
+        "resumed_from": resumed_from,
+    }
+
+
+# ------------------------------------------------------------------------------------------------- run
+def _prepare_output(cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> guards.RunLock | None:
+    """Rank 0 checks the folder and takes the run's lock; an error reaches every rank."""
+
+    def take() -> guards.RunLock:
+        # the lock first: --overwrite must never delete the files of a run that is still going
+        lock = guards.RunLock(out)
+        lock.acquire(take_stale=cfg.resume)  # a requeued job resumes after its killed predecessor
+        try:
+            lock.removed = guards.check_output_dir(out, cfg.resume, cfg.overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    return _all_ranks(take, info, rank0_only=True)
+
+
+def run(task: Task, argv: Sequence[str] | None = None, description: str | None = None) -> dict[str, Any]:
+    """Parse, set up, train and/or evaluate; returns the metrics written to ``metrics.json``."""
+    cfg = parse(task, argv, description)
+    info = dist.init_distributed(cfg.device)
+    out = Path(cfg.output_dir)
+    lock = None
+    try:
+        lock = _prepare_output(cfg, info, out)
+        setup_logging(out, info.rank)
+        if lock is not None and lock.removed:  # said again, now that train.log exists
+            log.warning("--overwrite: removed the earlier run's %s", ", ".join(p.name for p in lock.removed))
+        return _run(task, cfg, info, out)
+    finally:
+        if lock is not None:
+            lock.release()
+        if "emcl.train.compile" in sys.modules:  # inductor's worker pool must not hold the process at exit
+            sys.modules["emcl.train.compile"].release_compile_workers()
+        dist.cleanup()
+
+
+def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> dict[str, Any]:
+    dist.seed_everything(cfg.seed, info.rank)
+    if task.prepare_data is not None:
+        _all_ranks(lambda: task.prepare_data(cfg, info), info)
+    if cfg.eval_split == "val" and not task.has_split(cfg, "val"):
+        raise UserError(f"--eval_split val: {getattr(cfg, 'datatype', task.name)} has no validation split")
+
+    init_ck = None
+    if cfg.init_model:
+        init_ck = load_checkpoint(cfg.init_model)
+        saved = _saved_config(init_ck, cfg.init_model)
+        if saved is not None:
+            if cfg.do_train:  # fine-tuning: the weights must fit the model being built
+                guards.check_settings(
+                    saved,
+                    config_dict(cfg),
+                    must_match=task.arch_keys,
+                    may_change=(),
+                    source=f"--init_model {cfg.init_model}",
+                    action="Its weights fit only a model built with the same settings: use them",
+                )
+            else:
+                apply_checkpoint_settings(task, cfg, saved, cfg.init_model)
+
+    resume_ck = load_resume_checkpoint(task, cfg, info, out)  # settings checked before anything is written
+    splits = _splits_used(task, cfg)
+    if task.check_data is not None:
+        _all_ranks(lambda: task.check_data(cfg, splits), info, rank0_only=True)
+    log.info("%s: device %s, %d process(es); output %s", task.name, info.device, info.world_size, out)
+
+    model = task.build_model(cfg)
+    if init_ck is not None:
+        state = init_ck["model"] if "model" in init_ck else init_ck
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            why = guards.state_dict_mismatch(model.state_dict(), state) or str(e).splitlines()[0]
+            raise UserError(f"{cfg.init_model} does not fit the model these settings build: {why}") from e
+        log.info("loaded %s", cfg.init_model)
+        del init_ck
+    model.to(info.device)
+    _compile(task, cfg, model, info.device)
+    if info.is_main:  # once the settings have built a model (a bad clip_config leaves no config.yaml)
+        save_yaml(config_dict(cfg), out / "config.yaml")
+
+    metrics: dict[str, Any] = {"finished": False, "task": task.name}
+    if cfg.do_train:
+        metrics["train"] = train(task, cfg, model, info, out, resume_ck)
+        del resume_ck
+        metrics["resumed_from"] = metrics["train"].pop("resumed_from")
+        tested = out / metrics["train"]["evaluated_checkpoint"]
+        model.load_state_dict(
+            load_checkpoint(tested, map_location=info.device)["model"]
+        )  # exactly the saved weights
+    if cfg.do_eval:
+        eval_splits = [cfg.eval_split]
+        if not cfg.do_train and cfg.eval_split == "test" and task.has_split(cfg, "val"):
+            eval_splits = ["val", "test"]
+        for split in eval_splits:
+            res = task.evaluate(model, split, cfg, info)
+            if cfg.select_on_test and cfg.do_train:
+                res["selected_on_test"] = True
+            metrics[split] = res
+            log.info("%s results:\n%s", split, task.format_results(res))
+    metrics["finished"] = True
+    if info.is_main:
+        save_json(metrics, out / "metrics.json")
+        log.info("metrics written to %s", out / "metrics.json")
+        if cfg.do_train:
+            _draw_curves(out)
+    dist.barrier()
+    return metrics
+
+
+def _compile(task: Task, cfg: argparse.Namespace, model: nn.Module, device: torch.device) -> None:
+    """``--compile`` (auto: on CUDA): the task's modules compiled in place (keys unchanged), for training
+    and evaluation alike; a failed compile falls back to eager with one warning."""
+    if not (cfg.compile == "1" or (cfg.compile == "auto" and device.type == "cuda")):
+        return
+    from emcl.train.compile import compile_modules, set_activation_memory_budget
+
+    set_activation_memory_budget(getattr(cfg, "memory_budget", None))
+    targets = task.compile_targets(model) if task.compile_targets else [model]
+    cfg._compiled = compile_modules(targets, cfg.compile, device)
+
+
+def _draw_curves(out: Path) -> None:
+    """The training-curve PNG (loss, lr, selection R@1 by epoch); a missing plotting stack only warns."""
+    try:
+        from emcl.viz.curves import draw_curves
+    except ImportError as e:
+        log.warning("no training curves: %s", e)
+        return
+    try:
+        path = draw_curves(out)
+        if path is not None:
+            log.info("training curves: %s", path)
+    except Exception as e:  # a figure must never cost a finished run its result
+        log.warning("could not draw the training curves: %s", e)

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""One configuration over several seeds: mean ± std of every metric under every evaluation policy.
+
+    python scripts/multiseed.py --config configs/synthetic.yaml --seeds 0 1 2 --output_dir runs/seeds \\
+        [--nproc_per_node 8] [--split test] [--rerun] [--dry_run] [any other flag of the training CLI ...]
+
+Runs ``python -m video_retrieval.emcl_net.main_task_retrieval --config C --seed N
+--output_dir OUTPUT/seed_N [other flags]`` once per seed, one after the other (with ``--nproc_per_node
+G > 1`` through ``torchrun --standalone --nproc_per_node G -m ...``). Seeds whose ``metrics.json``
+already holds the split are not run again unless ``--rerun`` (which passes ``--overwrite``), so an
+interrupted sweep continues where it stopped, and runs launched by hand into ``OUTPUT/seed_N`` are
+picked up. Then it reads each ``OUTPUT/seed_N/metrics.json`` and writes ``OUTPUT/multiseed.md`` (a
+table) and ``OUTPUT/multiseed.json`` (mean, std and the per-seed values of every number).
+
+What is aggregated, for the chosen split (default ``test``): the headline rows (``t2v``, ``v2t``,
+``t2v_dsl``, ``v2t_dsl`` and, for multi-caption data, ``v2t_captions`` ...; they follow the run's
+``--eval_block``, named in the table) and every policy under ``policies`` (``paper``, ``query``,
+``none``). Each cell is the mean ± the sample standard deviation (n - 1 in the denominator) over the
+seeds that report it; with one seed there is no standard deviation. Seeds are independent runs: what
+differs is the seed of the EMCL state, the data order and augmentation, and weight initialisation of the
+layers CLIP does not provide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from emcl.fileio import save_bytes, save_json  # noqa: E402
+from emcl.metrics import RANK_KEYS  # noqa: E402
+
+MODULE = "video_retrieval.emcl_net.main_task_retrieval"
+HEADLINE = "headline"
+#: Flags this script sets for each run; giving them as extra flags is an error.
+OWN_FLAGS = ("--seed", "--output_dir", "--config")
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+
+def _rows(block: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The metric rows of one result block: entries that are dicts with at least one RANK_KEYS number."""
+    out = {}
+    for name, row in block.items():
+        if isinstance(row, dict) and any(isinstance(row.get(k), (int, float)) for k in RANK_KEYS):
+            out[name] = {k: float(row[k]) for k in RANK_KEYS if isinstance(row.get(k), (int, float))}
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def aggregate(metrics: dict[int, dict[str, Any]], split: str = "test") -> dict[str, Any]:
+    """Mean and sample std over seeds of every number in ``metrics[seed][split]``.
+
+    ``metrics`` maps a seed to its parsed ``metrics.json``. Groups: ``"headline"`` (the split's top-level
+    rows, which follow the run's ``eval_block``) and each policy under ``policies``. Returns
+    ``{"split", "seeds", "eval_block", "groups": {group: {direction: {metric: {"mean", "std", "n",
+    "values"}}}}}``, ``values`` in seed order; ``std`` is None for a single value. Raises ValueError
+    naming the seed when a run has no results for ``split``.
+    """
+    if not metrics:
+        raise ValueError("no runs to aggregate")
+    seeds = sorted(metrics)
+    collected: dict[str, dict[str, dict[str, list[float]]]] = {}
+    eval_blocks = []
+    for seed in seeds:
+        block = metrics[seed].get(split)
+        if not isinstance(block, dict):
+            have = sorted(k for k, v in metrics[seed].items() if isinstance(v, dict))
+            raise ValueError(f"seed {seed}: metrics.json has no '{split}' results (it has {have})")
+        eval_blocks.append(block.get("eval_block"))
+        groups = {HEADLINE: _rows(block)}
+        for policy, rows in (block.get("policies") or {}).items():
+            if isinstance(rows, dict):
+                groups[policy] = _rows(rows)
+        for group, rows in groups.items():
+            for direction, row in rows.items():
+                cells = collected.setdefault(group, {}).setdefault(direction, {})
+                for key, value in row.items():
+                    cells.setdefault(key, []).append(value)
+    out_groups: dict[str, Any] = {}
+    for group, rows in collected.items():
+        out_groups[group] = {}
+        for direction, cells in rows.items():
+            out_groups[group][direction] = {}
+            for key in RANK_KEYS:
+                if key in cells:
+                    mean, std = _mean_std(cells[key])
+                    out_groups[group][direction][key] = {
+                        "mean": mean, "std": std, "n": len(cells[key]), "values": cells[key]
+                    }
+    distinct = sorted({str(b) for b in eval_blocks})
+    return {
+        "split": split,
+        "seeds": seeds,
+        "eval_block": eval_blocks[0] if len(distinct) == 1 else eval_blocks,
+        "std": "sample standard deviation over seeds (n - 1); null with one seed",
+        "groups": out_groups,
+    }
+
+
+def _cell(cell: dict[str, Any] | None, n_seeds: int) -> str:
+    if cell is None:
+        return "-"
+    text = f"{cell['mean']:.1f}" if cell["std"] is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+    return text if cell["n"] == n_seeds else f"{text} (n={cell['n']})"
+
+
+def format_markdown(summary: dict[str, Any], title: str = "") -> str:
+    """A markdown table: one line per (policy, direction), one column per metric, ``mean ± std``.
+
+    The headline rows are printed once, as their policy's rows marked ``(headline)``, when they are
+    that policy's numbers in every run (as the runner writes them); otherwise as a group of their own.
+    """
+    n = len(summary["seeds"])
+    block = summary["eval_block"]
+    head_name = f"{HEADLINE} (eval_block={block})" if isinstance(block, str) else HEADLINE
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append(
+        f"{summary['split']} split, seeds {', '.join(map(str, summary['seeds']))}: mean ± sample std "
+        f"over {n} run{'s' if n != 1 else ''}."
+    )
+    lines.append("")
+    lines.append("| policy | direction | " + " | ".join(RANK_KEYS) + " |")
+    lines.append("|---|---|" + "---:|" * len(RANK_KEYS))
+    groups = summary["groups"]
+    order = [HEADLINE] + [g for g in ("paper", "query", "none") if g in groups]
+    order += [g for g in groups if g not in order]
+    names = {g: g for g in order}
+    names[HEADLINE] = head_name
+    if isinstance(block, str) and groups.get(block) == groups.get(HEADLINE):
+        # the headline rows are that policy's rows: print them once, labelled
+        order.remove(HEADLINE)
+        names[block] = f"{block} (headline)"
+    for group in order:
+        for direction, cells in groups.get(group, {}).items():
+            name = names[group]
+            row = [_cell(cells.get(k), n) for k in RANK_KEYS]
+            lines.append(f"| {name} | {direction} | " + " | ".join(row) + " |")
+    diffs = summary.get("config_differences") or {}
+    if diffs:
+        lines += ["", "**The runs differ in settings other than the seed:** "
+                  + "; ".join(f"{k}: {v}" for k, v in diffs.items())]
+    if any("v2t_captions" in rows for rows in groups.values()):
+        lines += ["", "v2t: each video ranks the videos' best captions (the reference's protocol); "
+                  "v2t_captions: each video ranks all captions (harder; not the paper's protocol)."]
+    return "\n".join(lines) + "\n"
+
+
+def load_runs(output_dir: str | os.PathLike[str], seeds: Sequence[int]) -> dict[int, dict[str, Any]]:
+    """``{seed: metrics}`` from ``output_dir/seed_N/metrics.json``; a clear error for a missing or
+    unparsable file."""
+    runs = {}
+    for seed in seeds:
+        path = Path(output_dir) / f"seed_{seed}" / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"seed {seed}: {path} not found (did the run finish?)")
+        try:
+            runs[seed] = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"seed {seed}: {path} is not valid JSON ({e})") from None
+    return runs
+
+
+#: Settings expected to differ between the runs of one sweep.
+PER_RUN_KEYS = frozenset({"seed", "output_dir", "overwrite", "resume", "n_display", "debug", "tensorboard"})
+
+
+def config_differences(output_dir: str | os.PathLike[str], seeds: Sequence[int]) -> dict[str, dict[int, Any]]:
+    """Settings (from each run's ``config.yaml``) that differ between the seeds, other than
+    :data:`PER_RUN_KEYS`: ``{key: {seed: value}}``. Runs without a config.yaml are left out."""
+    import yaml
+
+    configs = {}
+    for seed in seeds:
+        path = Path(output_dir) / f"seed_{seed}" / "config.yaml"
+        if path.is_file():
+            loaded = yaml.safe_load(path.read_text())
+            if isinstance(loaded, dict):
+                configs[seed] = loaded
+    keys = sorted({k for c in configs.values() for k in c} - PER_RUN_KEYS)
+    return {k: {seed: c.get(k) for seed, c in configs.items()} for k in keys
+            if len({repr(c.get(k)) for c in configs.values()}) > 1}
+
+
+def write_summary(
+    output_dir: str | os.PathLike[str], summary: dict[str, Any], title: str = ""
+) -> tuple[Path, Path]:
+    """``multiseed.json`` and ``multiseed.md`` in ``output_dir``, both written atomically."""
+    out = Path(output_dir)
+    md = save_bytes(format_markdown(summary, title).encode(), out / "multiseed.md")
+    js = save_json(summary, out / "multiseed.json")
+    return md, js
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+
+def seed_command(config: str, seed: int, output_dir: str | os.PathLike[str], extra: Sequence[str],
+                 overwrite: bool = False, nproc_per_node: int = 1, module: str = MODULE) -> list[str]:
+    """The training command of one seed."""
+    launch = [sys.executable, "-m", module]
+    if nproc_per_node > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", str(nproc_per_node), "-m", module]
+    cmd = [*launch, "--config", config, "--seed", str(seed),
+           "--output_dir", str(Path(output_dir) / f"seed_{seed}"), *extra]
+    if overwrite:
+        cmd.append("--overwrite")
+    return cmd
+
+
+def _finished(output_dir: Path, seed: int, split: str) -> bool:
+    path = output_dir / f"seed_{seed}" / "metrics.json"
+    try:
+        return isinstance(json.loads(path.read_text()).get(split), dict)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def run_seeds(config: str, seeds: Sequence[int], output_dir: str | os.PathLike[str], extra: Sequence[str],
+              *, split: str = "test", rerun: bool = False, dry_run: bool = False, nproc_per_node: int = 1,
+              runner: Callable[..., Any] = subprocess.run, echo: Callable[[str], None] = print) -> list[int]:
+    """Run every seed whose results are missing (all with ``rerun``); returns the seeds that were run.
+
+    ``runner`` is called like ``subprocess.run(cmd, cwd=REPO)`` (tests pass a fake). A run that fails
+    stops the script with its exit status and the seed's folder named.
+    """
+    out = Path(output_dir)
+    ran = []
+    for seed in seeds:
+        if not rerun and _finished(out, seed, split):
+            echo(f"seed {seed}: {out / f'seed_{seed}' / 'metrics.json'} has '{split}' results; not run again")
+            continue
+        exists = (out / f"seed_{seed}").exists()
+        cmd = seed_command(config, seed, out, extra, overwrite=rerun and exists,
+                           nproc_per_node=nproc_per_node)
+        echo(f"seed {seed}: {shlex.join(cmd)}")
+        if dry_run:
+            continue
+        proc = runner(cmd, cwd=str(REPO))
+        if proc.returncode != 0:
+            where = out / f"seed_{seed}"
+            raise SystemExit(f"seed {seed} failed (exit status {proc.returncode}); see {where}")
+        ran.append(seed)
+    return ran
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Every other flag is passed to each training run unchanged.",
+    )
+    p.add_argument("--config", required=True, help="the training config (YAML)")
+    p.add_argument("--seeds", type=int, nargs="+", required=True, help="e.g. 0 1 2")
+    p.add_argument("--output_dir", required=True, help="runs go to OUTPUT/seed_N; the tables to OUTPUT")
+    p.add_argument("--nproc_per_node", type=int, default=1,
+                   help="processes (GPUs) per run; above 1 each run is launched with torchrun")
+    p.add_argument("--split", default="test", help="which results of metrics.json to aggregate")
+    p.add_argument("--rerun", action="store_true",
+                   help="run seeds again even when their metrics.json is complete (passes --overwrite)")
+    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write nothing")
+    args, extra = p.parse_known_args(argv)
+    extra = [x for x in extra if x != "--"]
+    clash = [f for f in OWN_FLAGS if any(x == f or x.startswith(f + "=") for x in extra)]
+    if clash:
+        p.error(f"{', '.join(clash)} is set by this script per seed; do not pass it")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds has repeats: {args.seeds}")
+    return args, extra
+
+
+def main(argv: Sequence[str] | None = None, runner: Callable[..., Any] = subprocess.run) -> int:
+    args, extra = parse_args(argv)
+    run_seeds(args.config, args.seeds, args.output_dir, extra, split=args.split, rerun=args.rerun,
+              dry_run=args.dry_run, nproc_per_node=args.nproc_per_node, runner=runner)
+    if args.dry_run:
+        return 0
+    try:
+        summary = aggregate(load_runs(args.output_dir, args.seeds), args.split)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    summary["config"] = args.config
+    summary["extra_flags"] = extra
+    summary["config_differences"] = config_differences(args.output_dir, args.seeds)
+    if summary["config_differences"]:
+        print(f"WARNING: the runs differ in {sorted(summary['config_differences'])} (see their config.yaml)",
+              file=sys.stderr)
+    title = f"{args.config} {shlex.join(extra)}".strip()
+    md, js = write_summary(args.output_dir, summary, title)
+    print(format_markdown(summary, title))
+    print(f"written: {md}, {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

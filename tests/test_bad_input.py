@@ -1,0 +1,516 @@
+"""Issue 13, end to end: bad input a new user could give EMCL-Net's entry point stops the run with a one-line
+error (exit status 2) that names the file, flag or setting, and leaves no result file that could be
+mistaken for a valid one.
+
+Most runs go through ``cli_main(main, argv)`` in this process, exactly what ``python -m
+video_retrieval.emcl_net.main_task_retrieval`` does, to keep the tests fast; the concurrent-run and the
+one-line cases also start the real command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from emcl.data.synthetic import make_synthetic
+from emcl.errors import UserError
+from emcl.train.errors import cli_main
+from video_retrieval.emcl_net import main_task_retrieval as mtr
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = "video_retrieval.emcl_net.main_task_retrieval"
+RESULTS = ("metrics.json", "checkpoint_last.pt", "checkpoint_best.pt")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("syn_msrvtt")
+    make_synthetic(out, 24, seed=2, format="msrvtt", split_sizes=(16, 0, 8), frames=8, fps=4, size=32)
+    return out
+
+
+def flags(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--datatype", "msrvtt", "--config", str(ROOT / "configs/synthetic.yaml"),
+        "--anno_path", str(data / "annotations"), "--video_path", str(data / "videos"),
+        "--output_dir", str(out), "--batch_size", "8", "--batch_size_val", "16", "--workers", "0",
+        "--max_frames", "2", "--epochs", "1", "--n_display", "1", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def cli(argv: list[str]) -> tuple[int, str]:
+    """Run the entry point in this process as ``python -m`` would: (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli_main(mtr.main, argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, err.getvalue()
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error: ...`` line a user-fixable error prints (progress bars may come before it)."""
+    assert "Traceback" not in stderr, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr
+    return lines[-1]
+
+
+def no_results(out: Path) -> None:
+    """Nothing in ``out`` could be taken for a result: no metrics, no checkpoint, no lock left behind."""
+    present = [n for n in (*RESULTS, ".run.lock") if (out / n).exists()]
+    assert present == [], present
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    """In-process runs point the root logger at this test's captured stdout and train.log: undo that."""
+    yield
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+
+
+@pytest.fixture(scope="module")
+def concurrent(data, tmp_path_factory):
+    """Run A (seed 1) as a subprocess; once it holds the folder, start run B (seed 2) in the same folder."""
+    out = tmp_path_factory.mktemp("shared") / "run"
+    a = subprocess.Popen(
+        [sys.executable, "-m", MODULE, *flags(data, out, "--seed", "1")],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lock = out / ".run.lock"
+    holder = None
+    while a.poll() is None and holder is None:
+        with contextlib.suppress(OSError, ValueError):
+            holder = json.loads(lock.read_text())
+        time.sleep(0.02)
+    assert holder is not None, "run A ended before it took the lock: " + (a.communicate()[1] or "")[-2000:]
+    b_code, b_err = cli(flags(data, out, "--seed", "2"))
+    b_running_after = a.poll() is None
+    a_out, a_err = a.communicate(timeout=600)
+    return {
+        "out": out,
+        "a": a,
+        "a_err": a_err,
+        "holder": holder,
+        "b_code": b_code,
+        "b_err": b_err,
+        "a_still_running": b_running_after,
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(concurrent) -> Path:
+    assert concurrent["a"].returncode == 0, concurrent["a_err"][-3000:]
+    return concurrent["out"]
+
+
+# ------------------------------------------------------------------------------- 1. one run per folder
+def test_second_run_in_a_folder_stops_with_the_lock_error(concurrent, finished):
+    out, holder = concurrent["out"], concurrent["holder"]
+    assert holder["pid"] == concurrent["a"].pid
+    assert concurrent["b_code"] == 2
+    line = error_line(concurrent["b_err"])
+    assert line.startswith(
+        f"error: output folder {out} is in use by another run: pid {holder['pid']} on "
+        f"host {holder['host']}, started {holder['started']}"
+    )
+    assert concurrent["a_still_running"]  # B gave up while A was still working
+    # A finished normally and every file is A's
+    metrics = json.loads((finished / "metrics.json").read_text())
+    assert metrics["finished"] is True and metrics["test"]["num_videos"] == 8
+    assert yaml.safe_load((finished / "config.yaml").read_text())["seed"] == 1
+    assert torch.load(finished / "checkpoint_last.pt", weights_only=False)["config"]["seed"] == 1
+    assert not (finished / ".run.lock").exists()
+
+
+def test_busy_folder_is_refused_before_the_heavy_imports(data, tmp_path):
+    """``python -m ...`` checks the lock before importing torch, so a second run stops at once."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() + 5))
+        rec = {
+            "pid": holder.pid,
+            "host": os.uname().nodename,
+            "started": started,
+            "argv": ["x"],
+            "token": "t",
+        }
+        (out / ".run.lock").write_text(json.dumps(rec))
+        code = (
+            "import runpy, sys; sys.argv = ['x', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('%s', run_name='__main__')\n"
+            "finally:\n    print('torch imported' if 'torch' in sys.modules else 'torch not imported')"
+        ).replace("%s", MODULE)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *flags(data, out)], cwd=ROOT, env=env(), capture_output=True,
+            text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        holder.kill()
+    assert proc.returncode == 2
+    assert error_line(proc.stderr).startswith(
+        f"error: output folder {out} is in use by another run: pid {holder.pid}"
+    )
+    assert "torch not imported" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == [".run.lock"]
+
+
+def test_stale_lock_is_reported_with_the_rm_command_and_taken_over_by_resume(data, finished, tmp_path):
+    out = tmp_path / "killed"
+    shutil.copytree(finished, out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {
+        "pid": dead.pid,
+        "host": os.uname().nodename,
+        "started": "2026-01-01T00:00:00+00:00",
+        "argv": ["main_task_retrieval.py"],
+        "token": "x",
+    }
+    (out / ".run.lock").write_text(json.dumps(stale))
+    code, err = cli(flags(data, out, "--seed", "1"))
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(
+        f"error: output folder {out} has a stale lock: the run that took it (pid {dead.pid}"
+    )
+    assert line.endswith(f"clear the lock with: rm {out / '.run.lock'}")
+    code, err = cli(flags(data, out, "--seed", "1", "--resume"))  # a requeued job takes it over
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == str(out / "checkpoint_last.pt")
+    assert not (out / ".run.lock").exists()
+
+
+def test_finished_folder_is_not_reused_and_errors_are_one_line(data, finished):
+    before = {n: (finished / n).read_bytes() for n in ("metrics.json", "config.yaml")}
+    proc = subprocess.run(
+        [sys.executable, "-m", MODULE, *flags(data, finished, "--seed", "3")],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: output folder {finished} already holds a finished run (metrics.json says finished). Pass "
+        "--resume to continue it from checkpoint_last.pt (settings that define the model or the experiment "
+        "must match), --overwrite to delete its results and start again, or choose another --output_dir"
+    ]
+    assert {n: (finished / n).read_bytes() for n in before} == before
+    # --debug: the same error with its traceback
+    with pytest.raises(UserError, match="already holds a finished run"):
+        cli_main(mtr.main, flags(data, finished, "--seed", "3", "--debug"))
+
+
+def test_overwrite_replaces_the_earlier_run(data, finished, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(finished, out)
+    (out / "checkpoint_best.pt").write_bytes(b"an old selection")  # would not be rewritten: no val split
+    code, err = cli(flags(data, out, "--seed", "3", "--max_steps", "1", "--overwrite"))
+    assert code == 0, err
+    assert not (out / "checkpoint_best.pt").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["finished"] is True and metrics["train"]["history"][-1]["step"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 3
+    assert "--overwrite: removed the earlier run's checkpoint_best.pt" in (out / "train.log").read_text()
+
+
+def test_resume_without_a_checkpoint_starts_fresh_and_says_so(data, tmp_path):
+    out = tmp_path / "requeued"
+    code, err = cli(flags(data, out, "--max_steps", "1", "--resume"))
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] is None
+    assert "--resume: no" in (out / "train.log").read_text()
+
+
+# ------------------------------------------------------------------------------------ 2. stored settings
+def test_resume_with_other_settings_is_refused_before_anything_is_written(data, finished):
+    names = ("metrics.json", "config.yaml", "checkpoint_last.pt")
+    before = {n: (finished / n).stat().st_mtime_ns for n in names}
+    code, err = cli(
+        flags(
+            data, finished, "--seed", "1", "--resume", "--lr", "0.01", "--msrvtt_train", "7k", "--epochs", "3"
+        )
+    )
+    assert code == 2
+    line = error_line(err)
+    ck = finished / "checkpoint_last.pt"
+    assert line.startswith(f"error: checkpoint {ck} was trained with other settings")
+    assert "lr: 0.001 → 0.01" in line and "msrvtt_train: 9k → 7k" in line
+    assert "epochs" not in line  # extending a run is allowed
+    assert {n: (finished / n).stat().st_mtime_ns for n in names} == before
+    assert not (finished / ".run.lock").exists()
+
+
+def test_init_model_from_another_architecture(data, finished, tmp_path):
+    ck = finished / "checkpoint_last.pt"
+    # fine-tuning: the weights must fit the model these settings build
+    code, err = cli(
+        flags(data, tmp_path / "k", "--do_train", "1", "--init_model", str(ck), "--centerK", "16")
+    )
+    assert code == 2
+    assert error_line(err).startswith(
+        f"error: --init_model {ck} was trained with other settings (old → this run): centerK: 32 → 16."
+    )
+    no_results(tmp_path / "k")
+    # another head count inside clip_config: loads silently without the check
+    config = yaml.safe_load((ROOT / "configs/synthetic.yaml").read_text())
+    config["clip_config"]["vision_heads"] = 4
+    (tmp_path / "heads.yaml").write_text(yaml.safe_dump(config))
+    argv = flags(data, tmp_path / "h", "--init_model", str(ck))
+    argv[argv.index("--config") + 1] = str(tmp_path / "heads.yaml")
+    code, err = cli(argv)
+    assert code == 2 and "clip_config.vision_heads: 2 → 4" in error_line(err)
+    no_results(tmp_path / "h")
+    # evaluation only: a weight-defining flag given explicitly must agree with the checkpoint
+    code, err = cli(
+        flags(data, tmp_path / "e", "--do_eval", "1", "--init_model", str(ck), "--agg_layers", "2")
+    )
+    assert code == 2
+    assert error_line(err) == (
+        f"error: {ck} cannot be evaluated with these settings: agg_layers: 1 in the checkpoint, 2 given"
+    )
+    no_results(tmp_path / "e")
+    # a checkpoint without its settings (another tool's): the size mismatch names the file
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": torch.load(ck, weights_only=False)["model"]}, bare)
+    code, err = cli(
+        flags(data, tmp_path / "b", "--do_train", "1", "--init_model", str(bare), "--centerK", "16")
+    )
+    assert code == 2
+    assert error_line(err) == (
+        f"error: {bare} does not fit the model these settings build: 1 tensor(s) of "
+        "another shape: emcl.mu: (1, 32) in the file, (1, 16) in the model"
+    )
+    no_results(tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------------- 3. non-finite loss
+def test_non_finite_loss_stops_at_that_step_without_a_checkpoint(data, tmp_path, monkeypatch):
+    calls = []
+    real_step = mtr.TASK.train_step
+
+    def nan_on_second_step(*args):
+        loss = real_step(*args)
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(mtr.TASK, "train_step", nan_on_second_step)
+    out = tmp_path / "nan"
+    code, err = cli(flags(data, out, "--epochs", "2"))
+    assert code == 2
+    assert error_line(err).startswith("error: non-finite loss or gradient at epoch 1, step 2")
+    assert len(calls) == 2  # stopped at once
+    no_results(out)
+
+
+def test_non_finite_weights_are_not_saved(data, tmp_path, monkeypatch):
+    def overflow(model):  # an update that overflowed while the loss was still finite
+        with torch.no_grad():
+            model.clip.logit_scale.fill_(float("inf"))
+
+    monkeypatch.setattr(mtr.TASK, "after_step", overflow)
+    out = tmp_path / "inf"
+    code, err = cli(flags(data, out, "--max_steps", "1"))
+    assert code == 2
+    assert error_line(err).startswith("error: non-finite weights after epoch 1, step 1 (clip.logit_scale)")
+    no_results(out)
+
+
+# ------------------------------------------------------------------------------ 4. everything skipped
+@pytest.fixture
+def unreadable_train(data, tmp_path) -> Path:
+    """A copy of the data whose 16 training videos are garbage (non-empty: they pass the up-front stat)."""
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    rows = (copy / "annotations/MSRVTT_JSFUSION_test.csv").read_text().splitlines()[1:]
+    test_ids = {r.split(",")[2] for r in rows}
+    for video in (copy / "videos").iterdir():
+        if video.stem not in test_ids:
+            video.write_bytes(b"not a video")
+    return copy
+
+
+def test_unreadable_videos_are_named_and_bounded(unreadable_train, tmp_path):
+    out = tmp_path / "o"
+    for workers in ("0", "1"):  # without --skip_bad_videos: the first bad video, named in one line
+        code, err = cli([*flags(unreadable_train, out), "--workers", workers])
+        assert code == 2
+        line = error_line(err)
+        pattern = r"error: video 'video\d+' \(.*video\d+\.mp4\): unreadable or corrupt file"
+        assert re.match(pattern, line), line
+        no_results(out)
+    code, err = cli(flags(unreadable_train, out, "--skip_bad_videos", "--overwrite"))
+    assert code == 2
+    line = error_line(err)
+    assert re.search(
+        r"error: train: \d+ of 16 videos \([0-9.]+%\) are unreadable, more than "
+        r"--max_skip_fraction 0.05 allows \(0\): video\d+",
+        line,
+    ), line
+    no_results(out)
+    code, err = cli(flags(unreadable_train, out, "--skip_bad_videos", "--max_skip_fraction", "1"))
+    assert code == 2
+    assert error_line(err).startswith(
+        "error: epoch 1 took no training step: every batch was skipped (16 unreadable video(s): "
+    )
+    no_results(out)
+
+
+# ---------------------------------------------------------------------- 5. failures found before step 1
+@pytest.fixture
+def copy_of(data, tmp_path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    return copy
+
+
+def _trained(out: Path) -> bool:
+    log = out / "train.log"
+    return log.exists() and "epoch 1 step" in log.read_text()
+
+
+def test_truncated_test_csv_fails_before_step_1(copy_of, tmp_path):
+    csv = copy_of / "annotations/MSRVTT_JSFUSION_test.csv"
+    text = csv.read_text()
+    cut = text.index("\n", len(text) // 2) + 12  # in the middle of a row
+    csv.write_text(text[:cut])
+    out = tmp_path / "o"
+    code, err = cli(flags(copy_of, out))
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(f"error: {csv}: line ") and "expected 4 comma-separated fields" in line
+    assert "truncated" in line
+    assert not _trained(out)
+    no_results(out)
+
+
+def test_missing_or_empty_test_video_fails_before_step_1(copy_of, tmp_path):
+    rows = (copy_of / "annotations/MSRVTT_JSFUSION_test.csv").read_text().split("\n")[1:]
+    first, second = rows[0].split(",")[2], rows[1].split(",")[2]
+    (copy_of / "videos" / f"{first}.mp4").unlink()
+    (copy_of / "videos" / f"{second}.mp4").write_bytes(b"")
+    out = tmp_path / "o"
+    code, err = cli(flags(copy_of, out))
+    assert code == 2
+    assert error_line(err) == (
+        f"error: msrvtt/test: 2 of 8 videos cannot be used (looked in folder "
+        f"{copy_of / 'videos'}): {first} (missing); {second} (empty (0 bytes))"
+    )
+    assert not _trained(out)
+    no_results(out)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"eval_block": "Paper"}, "eval_block: invalid choice: 'Paper' (choose from 'paper', 'query', "),
+        ({"epochs": 1.5}, "epochs: '1.5' is not an integer (an integer >= 1)"),
+        ({"lamd": 0}, "lamd: 0 is out of range (a number > 0)"),
+        ({"skip_bad_videos": "yes"}, "skip_bad_videos: expected true or false, got 'yes'"),
+        ({"learning_rate": 0.1}, "unknown option(s) 'learning_rate'"),
+    ],
+)
+def test_config_file_values_are_checked_like_flags(data, tmp_path, change, expected):
+    config = {**yaml.safe_load((ROOT / "configs/synthetic.yaml").read_text()), **change}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = flags(data, tmp_path / "o")
+    argv[argv.index("--config") + 1] = str(path)
+    if "epochs" in change:  # the flag would override the file
+        i = argv.index("--epochs")
+        del argv[i : i + 2]
+    code, err = cli(argv)
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(f"error: config {path}: ") and expected in line
+    assert not (tmp_path / "o").exists()  # stopped while parsing
+
+
+def test_clip_config_typo_names_the_key(data, tmp_path):
+    config = yaml.safe_load((ROOT / "configs/synthetic.yaml").read_text())
+    config["clip_config"]["vision_widht"] = config["clip_config"].pop("vision_width")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = flags(data, tmp_path / "o")
+    argv[argv.index("--config") + 1] = str(path)
+    code, err = cli(argv)
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(
+        f"error: {path}: clip_config: unknown key(s) 'vision_widht' (did you mean "
+        "'vision_width'?); allowed keys: embed_dim, image_size, patch_size, vision_width"
+    )
+    no_results(tmp_path / "o")
+    assert not (tmp_path / "o" / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------------------------------- 7. flags
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--temp", "0"], "argument --temp: 0 is out of range (a number > 0)"),
+        (["--lamd", "0"], "argument --lamd: 0 is out of range (a number > 0)"),
+        (["--lr=-0.001"], "argument --lr: -0.001 is out of range (a number > 0)"),
+        (["--epochs", "0"], "argument --epochs: 0 is out of range (an integer >= 1)"),
+        (["--max_skip_fraction", "1.5"], "--max_skip_fraction: 1.5 is out of range (a number from 0 to 1)"),
+        (["--lam", "0.5"], "unrecognized arguments: --lam 0.5"),
+    ],
+)
+def test_flags_are_checked_at_parse_time(data, tmp_path, extra, expected):
+    code, err = cli(flags(data, tmp_path / "o", *extra))
+    assert code == 2 and expected in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_fails_before_any_work(data, tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        code, err = cli(flags(data, out))
+    finally:
+        out.chmod(0o755)
+    assert code == 2 and "not writable" in error_line(err) and str(out) in error_line(err)
+
+
+def test_synthetic_section_typo_names_the_key(tmp_path):
+    config = yaml.safe_load((ROOT / "configs/synthetic.yaml").read_text())
+    config["synthetic"]["out"] = str(tmp_path / "syn")
+    config["synthetic"]["num_video"] = config["synthetic"].pop("num_videos")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, err = cli(["--config", str(path), "--output_dir", str(tmp_path / "o"), "--device", "cpu"])
+    assert code == 2
+    assert error_line(err).startswith(
+        f"error: {path}: synthetic: unknown key(s) 'num_video' (did you mean "
+        "'num_videos'?); allowed keys: num_videos, seed, split_sizes"
+    )
+    assert not (tmp_path / "syn").exists()
+    no_results(tmp_path / "o")
