@@ -16,7 +16,9 @@ A video's id is its path under ``VIDEOS_DIR`` without the ending.
 (text-conditioned pooling of the frames, cosine). ``--emcl`` re-scores the ``--rerank`` best candidates
 (default 100) with the checkpoint's EMCL layer, EM running once over [the candidates' pooled vectors; the
 text] (the ``query`` evaluation policy restricted to the candidates), and ranks them by that score.
-The query reports the time of its search (encoding the text + scoring + top-k) in milliseconds.
+The query reports in milliseconds the time of its search (``search``: encoding the text + scoring +
+top-k) and of the command (``command``: loading the index and the model included; Python start-up and
+importing PyTorch not).
 
 **eval** queries every caption of a split of the run's dataset (``--anno`` and ``--datatype`` for
 another annotation folder) against the whole index (``--gallery all``) or only the split's videos

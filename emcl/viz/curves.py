@@ -3,7 +3,7 @@
     python -m emcl.viz.curves runs/demo        # writes runs/demo/curves.png
 
 ``metrics.json`` holds ``train.history``: one record per epoch with ``epoch``, ``loss``, ``lr`` (the
-learning rate at the end of the epoch, of the newly added parameters) and the selection split's results
+learning rate at the end of the epoch; a list counts by its last entry) and the selection split's results
 under ``val`` (or ``test`` with ``--select_on_test``), of which text-to-video ``t2v.R1`` is drawn.
 Missing values leave their panel marked "not recorded"; the run loop calls :func:`draw_curves` at the end
 of every run.
@@ -29,7 +29,7 @@ def _number(x: Any) -> float | None:
 
 def _lr(rec: dict) -> float | None:
     lr = rec.get("lr")
-    if isinstance(lr, list | tuple) and lr:  # one value per parameter group: the new parameters' is last
+    if isinstance(lr, list | tuple) and lr:  # one value per parameter group
         lr = lr[-1]
     return _number(lr)
 
