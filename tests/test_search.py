@@ -157,3 +157,18 @@ def test_bad_inputs(built, tmp_path):
     ck.write_bytes(ck.read_bytes() + b"\0")
     with pytest.raises(UserError, match="changed since the index was built"):
         search.Index(tmp_path / "i2")
+
+
+def test_load_run_errors_name_the_file(built, tmp_path):
+    with pytest.raises(UserError, match="neither checkpoint_best.pt nor checkpoint_last.pt"):
+        load_run(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    bare = tmp_path / "bare.pt"
+    torch.save({"model": {}}, bare)
+    with pytest.raises(UserError, match="has no 'config' entry"):
+        load_run(checkpoint=bare)
+    with pytest.raises(UserError, match="task_module: cannot import 'no.such.module'"):
+        load_run(built["run"], overrides={"task_module": "no.such.module"})
+    run = load_run(built["run"])  # config.yaml beside checkpoint_best.pt
+    assert run.checkpoint.name == "checkpoint_best.pt" and not run.model.training
