@@ -172,3 +172,10 @@ def test_load_run_errors_name_the_file(built, tmp_path):
         load_run(built["run"], overrides={"task_module": "no.such.module"})
     run = load_run(built["run"])  # config.yaml beside checkpoint_best.pt
     assert run.checkpoint.name == "checkpoint_best.pt" and not run.model.training
+    # a run made before a setting existed: the setting takes the task's default
+    ck = torch.load(built["run"] / "checkpoint_best.pt", weights_only=False)
+    del ck["config"]["eval_block_size"], ck["config"]["agg_module"]
+    old = tmp_path / "old.pt"
+    torch.save(ck, old)
+    run = load_run(checkpoint=old)
+    assert run.cfg.eval_block_size == 32 and run.cfg.agg_module == "seqTransf"

@@ -92,6 +92,21 @@ def import_task(cfg: argparse.Namespace | dict) -> ModuleType:
         raise UserError(f"config key task_module: cannot import {name!r}: {e}") from e
 
 
+def task_defaults(task: ModuleType) -> dict[str, Any]:
+    """Every flag's default of a task run through :mod:`emcl.train.runner` (its module's ``TASK``), plus its
+    nested config keys as None; empty for other tasks."""
+    spec = getattr(task, "TASK", None)
+    if spec is None:
+        return {}
+    from emcl.train.runner import build_parser
+
+    parser = build_parser(spec)
+    out: dict[str, Any] = {k: None for k in getattr(spec, "extra_config_keys", ())}
+    out.update({a.dest: a.default for a in parser._actions
+                if a.dest != "help" and a.default is not argparse.SUPPRESS})
+    return out
+
+
 def load_run(
     run_dir: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -101,7 +116,8 @@ def load_run(
 ) -> LoadedRun:
     """Build a run's model and load its weights.
 
-    Config, lowest to highest precedence: the checkpoint's saved ``config``; ``run_dir/config.yaml``;
+    Config, lowest to highest precedence: the task's defaults (:func:`task_defaults`, so that a run made
+    before a setting existed still loads); the checkpoint's saved ``config``; ``run_dir/config.yaml``;
     ``config`` (a YAML file or a dict); ``overrides``. Checkpoint: ``checkpoint``, else the run folder's
     ``checkpoint_best.pt``, else its ``checkpoint_last.pt``. Errors name the file or key at fault.
     """
@@ -129,8 +145,9 @@ def load_run(
     if not values:
         where = f"{run_path / 'config.yaml'} or " if run_path is not None else ""
         raise UserError(f"no config: {where}the checkpoint {ck_path} has no 'config' entry; pass --config")
-    cfg = argparse.Namespace(**values)
-    task = import_task(cfg)
+    task = import_task(values)
+    # settings added to the task since the run was made take their defaults
+    cfg = argparse.Namespace(**{**task_defaults(task), **values})
     try:
         model = _need(task, "build_model")(cfg)
     except AttributeError as e:  # a key the task needs is missing from the saved config
