@@ -19,7 +19,8 @@ What is plotted (EMCL-Net runs):
   each row L2-normalised, as the model normalises after EMCL. A run trained without EMCL gets a fresh
   layer from its settings (said in the JSON).
 - ``emcl_relative_change`` (diagnostic): the mean of ``|beta R_i| / |X_i|``, how far EMCL moves a row
-  relative to its length. ``R`` is scale-free (unit-norm bases), so features with large norms move little.
+  relative to its length. ``R`` is built from normalised bases and assignments, so its size does not grow
+  with the features': features with large norms move little.
 - **2-D view**: one PCA (top two principal directions) fitted on both conditions together, so the two
   panels share the projection and the axes.
 
