@@ -12,6 +12,11 @@ swap near-tied candidates, and is no faster.
 - ``query``: EM runs once per text query over that text and all videos. Scores do not depend on the
   order of texts or videos nor on any blocking.
 - ``none``: no EMCL at evaluation (pass a ``score_fn`` without it); scores are pairwise.
+
+:func:`embedding_score_matrix` is the same three policies for models whose EM transforms the text and
+video embeddings of a set jointly and then scores pairs independently (MMT, per modality): there the
+reference's ``paper`` blocks are 32 *matched* pairs in list order, each text and video keeping the
+embedding of its own block (:func:`paper_block_embeddings`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Literal
 import torch
 
 EvalBlock = Literal["paper", "query", "none"]
+EVAL_POLICIES: tuple[EvalBlock, ...] = ("paper", "query", "none")
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -85,6 +91,13 @@ def _paper_rows(
     return out
 
 
+def rank_rows(a: int, block: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous span [lo, hi) of ``a`` rows, dealt in whole ``block``-sized blocks."""
+    n_blocks = -(-a // block)
+    per_rank = -(-n_blocks // world_size)
+    return min(a, rank * per_rank * block), min(a, (rank + 1) * per_rank * block)
+
+
 def score_matrix(
     score_fn: ScoreFn,
     t: torch.Tensor,
@@ -103,10 +116,7 @@ def score_matrix(
     ``chunk`` bounds memory: text blocks (paper; default 4, i.e. 4 x V/32 EM problems per call) or
     queries (query, none; default 16) scored per call.
     """
-    a = t.shape[0]
-    n_blocks = -(-a // block)
-    per_rank = -(-n_blocks // world_size)
-    lo, hi = min(a, rank * per_rank * block), min(a, (rank + 1) * per_rank * block)
+    lo, hi = rank_rows(t.shape[0], block, rank, world_size)
     t = t[lo:hi]
     if mode == "paper":
         return _paper_rows(score_fn, t, f, mask, block, chunk or 4)
@@ -119,3 +129,87 @@ def score_matrix(
         # each query is its own block: (c, 1, D) against all videos (1, V, T, D)
         rows.append(_call(score_fn, tc[:, None], f[None], _lead(mask))[:, 0])
     return torch.cat(rows) if rows else t.new_empty(0, f.shape[0], dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ the embedding form (MMT, per modality)
+EmFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+PairFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _em_call(em_fn: EmFn, t: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(t.device.type, enabled=False):
+        tt, vv = em_fn(t.float(), v.float())
+        return tt.float(), vv.float()
+
+
+def _pair_call(pair_fn: PairFn, t: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    with torch.autocast(t.device.type, enabled=False):
+        return pair_fn(t.float(), v.float(), _fp32(extra)).float()
+
+
+def _index(x: torch.Tensor | None, i) -> torch.Tensor | None:
+    return None if x is None else x[i]
+
+
+def paper_block_embeddings(
+    em_fn: EmFn, t: torch.Tensor, v: torch.Tensor, block: int = 32, chunk: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference MMT's test-time EM: text ``i`` and video ``i`` are a matched pair; EM runs on each
+    block of ``block`` consecutive pairs (``[videos; texts]`` of the block), and every text and video keeps
+    the embedding of its own block (1000 pairs = 31 x 32 + 8). Transductive: each query meets its own
+    positive inside EM. Full blocks run batched, ``chunk`` blocks per call."""
+    a = t.shape[0]
+    if v.shape[0] != a:
+        raise ValueError(f"paper-mode EM needs matched pairs in list order: {a} texts, {v.shape[0]} videos")
+    t_out, v_out = torch.empty_like(t, dtype=torch.float32), torch.empty_like(v, dtype=torch.float32)
+    full = a // block * block
+    for s in range(0, full, chunk * block):
+        e = min(full, s + chunk * block)
+        tb, vb = _em_call(em_fn, t[s:e].unflatten(0, (-1, block)), v[s:e].unflatten(0, (-1, block)))
+        t_out[s:e], v_out[s:e] = tb.flatten(0, 1), vb.flatten(0, 1)
+    if full < a:
+        tb, vb = _em_call(em_fn, t[full:][None], v[full:][None])
+        t_out[full:], v_out[full:] = tb[0], vb[0]
+    return t_out, v_out
+
+
+def embedding_score_matrix(
+    em_fn: EmFn,
+    pair_fn: PairFn,
+    t: torch.Tensor,
+    v: torch.Tensor,
+    extra: torch.Tensor | None = None,
+    mode: EvalBlock = "query",
+    block: int = 32,
+    chunk: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """The (A, V) score matrix (or this rank's rows) for models whose EM transforms text and video
+    embeddings jointly and then scores pairs independently, e.g. MMT per modality.
+
+    ``em_fn(t (..., A, *), v (..., B, *))`` returns the transformed embeddings (EM on each leading block);
+    ``pair_fn(t (..., A, *), v (..., B, *), extra (..., A, *))`` scores all pairs (``extra``: per-text
+    data that EM does not touch, e.g. MMT's modality weights). Policies:
+
+    - ``paper``: :func:`paper_block_embeddings` (matched pairs, blocks of ``block``, list order).
+    - ``query``: EM once per text query over [all videos; that query]; scores depend on no blocking
+      or order. ``chunk`` queries per call (default 8).
+    - ``none``: ``pair_fn`` on the embeddings as they are (no EM).
+    """
+    lo, hi = rank_rows(t.shape[0], block, rank, world_size)
+    if mode in ("paper", "none"):
+        tt, vv = paper_block_embeddings(em_fn, t, v, block) if mode == "paper" else (t, v)
+        spans = [(i, min(hi, i + 256)) for i in range(lo, hi, 256)]
+        rows = [_pair_call(pair_fn, tt[i:j], vv, _index(extra, slice(i, j))) for i, j in spans]
+    elif mode == "query":
+        chunk = chunk or 8
+        rows = []
+        for i in range(lo, hi, chunk):
+            j = min(hi, i + chunk)
+            tq, vq = _em_call(em_fn, t[i:j, None], v[None].expand(j - i, *v.shape))  # (c, 1, *), (c, V, *)
+            ex = None if extra is None else extra[i:j, None]
+            rows.append(_pair_call(pair_fn, tq, vq, ex)[:, 0])
+    else:
+        raise ValueError(f"eval_block must be paper, query or none, got {mode!r}")
+    return torch.cat(rows) if rows else t.new_empty(0, v.shape[0], dtype=torch.float32)

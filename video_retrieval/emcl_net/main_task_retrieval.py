@@ -82,7 +82,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=(0, 1),
         help="RandAugment (4 ops, magnitude 7) on training clips",
     )
-    a("--agg_module", default="seqTransf", choices=("seqTransf", "seqLSTM", "None"))
+    a(
+        "--agg_module",
+        default="seqTransf",
+        choices=("seqTransf", "seqLSTM", "None", "meanP"),
+        help="frame aggregation; meanP: CLIP4Clip's mean-pooling baseline (one vector per video)",
+    )
     a("--agg_layers", type=positive_int, default=4)
     a("--temp", type=positive_float, default=3.0, help="temperature of the text-conditioned frame weights")
     a("--use_emcl", type=int, default=1, choices=(0, 1))
@@ -331,7 +336,7 @@ def evaluate_split(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistIn
         if emcl is None and policy != "none":
             continue  # a model without EMCL scores the same under every policy
         rows = score_matrix(
-            partial(emcl_scores, emcl=emcl, temp=model.temp),
+            partial(emcl_scores, emcl=emcl, temp=model.temp, pool=model.pool),
             t,
             f,
             m,

@@ -18,7 +18,8 @@ from emcl.loss import multi_positive_ce, symmetric_ce
 
 log = logging.getLogger(__name__)
 
-AggModule = Literal["seqTransf", "seqLSTM", "None"]
+AggModule = Literal["seqTransf", "seqLSTM", "None", "meanP"]
+Pool = Literal["text", "mean"]
 
 
 class FrameTransformer(nn.Module):
@@ -95,6 +96,12 @@ def pair_video_vectors(t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, tem
     return torch.einsum("...abt,...btd->...abd", w, f)
 
 
+def mean_video_vectors(f: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CLIP4Clip's ``meanP``: masked mean of L2-normalised frames, (..., B, T, D) -> (..., B, D)."""
+    m = mask.to(f.dtype).unsqueeze(-1)
+    return (F.normalize(f, dim=-1) * m).sum(dim=-2) / m.sum(dim=-2).clamp(min=1.0)
+
+
 def emcl_scores(
     t: torch.Tensor,
     f: torch.Tensor,
@@ -102,8 +109,12 @@ def emcl_scores(
     emcl: EMCL | None,
     temp: float,
     update: bool = False,
+    pool: Pool = "text",
 ) -> torch.Tensor:
     """Cosine scores (..., A, B) after EMCL on ``[v_ij rows; t_i rows]`` of each leading block.
+
+    ``pool="mean"`` (``meanP``): one video vector per video, independent of the text; EMCL then runs on
+    ``[v_j rows; t_i rows]``.
 
     With ``update`` (training), the layer's forward runs and updates ``mu``; otherwise the blocks go
     through the batched EM without touching the state, so any number of blocks run in one call.
@@ -111,16 +122,30 @@ def emcl_scores(
     in training and evaluation alike (SPEC §1, precision); gradients flow back to bf16 encoders as usual.
     """
     with torch.autocast(t.device.type, enabled=False):
-        return _emcl_scores_fp32(t.float(), f.float(), mask, emcl, temp, update)
+        return _emcl_scores_fp32(t.float(), f.float(), mask, emcl, temp, update, pool)
 
 
 def _emcl_scores_fp32(
-    t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, emcl: EMCL | None, temp: float, update: bool
+    t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, emcl: EMCL | None, temp: float, update: bool,
+    pool: Pool = "text",
 ) -> torch.Tensor:
     a, b, d = t.shape[-2], f.shape[-3], t.shape[-1]
+    if pool == "mean":
+        v = mean_video_vectors(f, mask)  # (..., B, D)
+        lead = torch.broadcast_shapes(v.shape[:-2], t.shape[:-2])
+        x = torch.cat([v.expand(*lead, b, d), t.expand(*lead, a, d)], dim=-2)
+        return _em_cosine(x, emcl, update, b, lambda yv, yt: torch.einsum("...ad,...bd->...ab", yt, yv))
     v = pair_video_vectors(t, f, mask, temp)  # (..., A, B, D)
     lead = v.shape[:-3]
     x = torch.cat([v.reshape(*lead, a * b, d), t.expand(*lead, a, d)], dim=-2)
+    return _em_cosine(
+        x, emcl, update, a * b,
+        lambda yv, yt: torch.einsum("...ad,...abd->...ab", yt, yv.reshape(*lead, a, b, d)),
+    )
+
+
+def _em_cosine(x: torch.Tensor, emcl: EMCL | None, update: bool, nv: int, cosine) -> torch.Tensor:
+    """EMCL (when given) on the rows ``x`` = [``nv`` video rows; text rows], L2 normalisation, cosine."""
     if emcl is not None:
         if update:
             x = emcl(x)
@@ -128,9 +153,7 @@ def _emcl_scores_fp32(
             r, _ = em_reconstruct(x, emcl.mu, emcl.stage_num, emcl.lamd, emcl.lamd_mode)
             x = x + emcl.beta * r
     x = F.normalize(x, dim=-1)
-    yv = x[..., : a * b, :].reshape(*lead, a, b, d)
-    yt = x[..., a * b :, :]
-    return torch.einsum("...ad,...abd->...ab", yt, yv)
+    return cosine(x[..., :nv, :], x[..., nv:, :])
 
 
 class EMCLNet(nn.Module):
@@ -155,14 +178,15 @@ class EMCLNet(nn.Module):
         self.clip = clip
         self.agg_module = agg_module
         self.temp = temp
+        self.pool: Pool = "mean" if agg_module == "meanP" else "text"
         if agg_module == "seqTransf":
             self.agg: nn.Module | None = FrameTransformer(clip, agg_layers)
         elif agg_module == "seqLSTM":
             self.agg = FrameLSTM(clip.embed_dim)
-        elif agg_module in ("None", None):
+        elif agg_module in ("None", None, "meanP"):
             self.agg = None
         else:
-            raise ValueError(f"agg_module must be seqTransf, seqLSTM or None, got {agg_module!r}")
+            raise ValueError(f"agg_module must be seqTransf, seqLSTM, None or meanP, got {agg_module!r}")
         self.emcl = None
         if use_emcl:
             self.emcl = EMCL(
@@ -201,7 +225,7 @@ class EMCLNet(nn.Module):
         self, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, update: bool = False
     ) -> torch.Tensor:
         """Cosine scores of texts x videos (see :func:`emcl_scores`); leading block dims allowed."""
-        return emcl_scores(t, f, mask, self.emcl, self.temp, update=update)
+        return emcl_scores(t, f, mask, self.emcl, self.temp, update=update, pool=self.pool)
 
     def loss_from_features(
         self, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor, video_ids: torch.Tensor | None = None
