@@ -241,7 +241,7 @@ def markdown(rows: list[dict[str, Any]], dsl: bool = False) -> str:
             if diff:
                 add(blank, diff, f"ours − {ref['label']}", signed=True)
         for n in r["notes"]:
-            note = f"`{r['run']}` ({r['policy']}): {n}"
+            note = f"`{r['run']}`: {n}"
             if note not in notes:
                 notes.append(note)
     out = "\n".join(lines)
