@@ -48,7 +48,9 @@ def em_reconstruct(
     mu = mu.to(dtype)
     n = x.shape[-2]
     scale = (1.0 / lamd) if lamd_mode == "divide" else lamd
-    u = mu.expand(*mu.shape[:-2], n, mu.shape[-1])  # U^0 = 1_N mu: every row the same
+    # U^0 = 1_N mu: every row the same. Materialised: a stride-0 operand sends matmul down a slow path
+    # (10x the CPU time of the whole paper-block scoring with 2 threads).
+    u = mu.expand(*mu.shape[:-2], n, mu.shape[-1]).contiguous()
     xt = x.transpose(-1, -2)  # (..., D, N)
     z = x.new_zeros(())
     for _ in range(stage_num):

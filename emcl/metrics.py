@@ -10,6 +10,8 @@ Conventions used throughout:
   ties arbitrarily; with real-valued scores ties are rare and both agree. Because optimistic ties reward a
   degenerate model (a constant matrix scores R@1 = 100), ``ties="pessimistic"`` is offered as a check:
   it counts every other candidate with an equal score as ranked above the ground truth.
+  ``ties="average"`` gives the mean of the tied positions (fractional ranks), as the reference's MMT
+  evaluation does.
 * R@k are percentages, MdR is the median rank (mean of the two middle ranks for an even count, as
   ``numpy.median``), MnR the mean rank.
 * Video→text with several captions per video (MSVD, MSR-VTT full) follows the reference by default
@@ -54,7 +56,7 @@ _CAPTION_NOTE = (
     "v2t: each video ranks the videos' best captions (V x V, the reference's protocol); v2t_captions: "
     "each video ranks all captions (rank of its best own caption; harder, not the paper's protocol)"
 )
-_TIES = ("optimistic", "pessimistic")
+_TIES = ("optimistic", "pessimistic", "average")
 
 
 def _check_sim(sim: Tensor, name: str = "sim", allow_inf: bool = True) -> Tensor:
@@ -107,7 +109,8 @@ def gt_ranks(sim: Tensor, gt: Tensor | None = None, ties: str = "optimistic") ->
 
     ``gt[q]`` is the ground-truth column of query ``q`` (default: the diagonal, which needs Q == C).
     Rank = 1 + number of candidates with a strictly higher score (``ties="optimistic"``), or additionally
-    + number of other candidates with an equal score (``ties="pessimistic"``). Returns LongTensor[Q].
+    + number of other candidates with an equal score (``ties="pessimistic"``), or the mean of those two
+    (``ties="average"``, a float tensor). Returns LongTensor[Q] otherwise.
     """
     _check_ties(ties)
     sim = _check_sim(sim)
@@ -118,9 +121,18 @@ def gt_ranks(sim: Tensor, gt: Tensor | None = None, ties: str = "optimistic") ->
         gt = torch.arange(q, device=sim.device)
     gt = _check_index(gt, q, c, "gt", sim.device)
     target = sim.gather(1, gt[:, None])
+    return _rank_of(sim, target, dim=1, ties=ties)
+
+
+def _rank_of(sim: Tensor, target: Tensor, dim: int, ties: str) -> Tensor:
+    """1-based rank of ``target`` among ``sim`` along ``dim`` (``target`` is one of them)."""
+    above = (sim > target).sum(dim=dim)
     if ties == "optimistic":
-        return (sim > target).sum(dim=1) + 1
-    return (sim >= target).sum(dim=1)  # counts the ground truth itself, so no +1
+        return above + 1
+    equal = (sim == target).sum(dim=dim)  # the ground truth itself included
+    if ties == "pessimistic":
+        return above + equal
+    return above.double() + (equal.double() + 1) / 2  # average: the mean of the tied positions
 
 
 def t2v_ranks(sim_tv: Tensor, caption_video: Tensor | None = None, ties: str = "optimistic") -> Tensor:
@@ -173,9 +185,7 @@ def v2t_ranks(
     own = sim_tv.gather(1, cv[:, None]).squeeze(1)  # score of each caption with its own video
     best = torch.full((v,), float("-inf"), dtype=sim_tv.dtype, device=sim_tv.device)
     best = best.scatter_reduce(0, cv, own, reduce="amax")  # best own-caption score per video
-    if ties == "optimistic":
-        return (sim_tv > best[None, :]).sum(dim=0) + 1
-    return (sim_tv >= best[None, :]).sum(dim=0)
+    return _rank_of(sim_tv, best[None, :], dim=0, ties=ties)
 
 
 def metrics_from_ranks(ranks: Tensor) -> dict[str, float]:

@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from emcl.em import em_reconstruct
+
 EvalBlock = Literal["paper", "query", "none"]
 EVAL_POLICIES: tuple[EvalBlock, ...] = ("paper", "query", "none")
 ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -129,6 +131,44 @@ def score_matrix(
         # each query is its own block: (c, 1, D) against all videos (1, V, T, D)
         rows.append(_call(score_fn, tc[:, None], f[None], _lead(mask))[:, 0])
     return torch.cat(rows) if rows else t.new_empty(0, f.shape[0], dtype=torch.float32)
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """Broadcast shape of two leading shapes (``torch.broadcast_shapes`` imports torch._refs: 2-4 s)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + a, (1,) * (n - len(b)) + b
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        raise ValueError(f"leading shapes {a} and {b} do not broadcast")
+    return tuple(max(x, y) if 1 in (x, y) else x for x, y in zip(a, b))
+
+
+def pooled_emcl_scores(
+    t: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    mu: torch.Tensor | None = None,
+    stage_num: int = 10,
+    lamd: float = 0.1,
+    beta: float = 4.0,
+) -> torch.Tensor:
+    """Dot products (..., A, B) of texts ``t`` (..., A, D) and pooled videos ``v`` (..., B, D) after EMCL.
+
+    The inference module's form (SPEC §4): EM runs on ``X = [the B video rows; the A text rows]`` of each
+    leading block, ``Y = X + beta * R`` is *not* renormalised, and the score is ``y_t . y_v``. With ``mu``
+    None the EM step is skipped and the scores are plain dot products of the inputs, computed along the
+    same path (so ``beta = 0`` gives exactly the same numbers). A ``score_fn`` for :func:`score_matrix`
+    (bind the keywords with ``functools.partial``); the leading dims of ``t`` and ``v`` broadcast.
+    """
+    if mask is not None:
+        raise ValueError("pooled video vectors take no frame mask (pass mask=None)")
+    lead = _broadcast(tuple(t.shape[:-2]), tuple(v.shape[:-2]))
+    a, b, d = t.shape[-2], v.shape[-2], t.shape[-1]
+    x = torch.cat([v.expand(*lead, b, d), t.expand(*lead, a, d)], dim=-2)
+    if mu is not None:
+        r, _ = em_reconstruct(x, mu, stage_num, lamd)
+        x = x + beta * r
+    return torch.matmul(x[..., b:, :], x[..., :b, :].transpose(-1, -2))
 
 
 # ------------------------------------------------------------------ the embedding form (MMT, per modality)

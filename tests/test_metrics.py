@@ -89,7 +89,7 @@ def test_explicit_gt_and_r50():
     assert m["MnR"] == pytest.approx(62 / 3)
 
 
-def test_ties_optimistic_and_pessimistic():
+def test_ties_optimistic_pessimistic_and_average():
     sim = torch.tensor(
         [
             [0.5, 0.5, 0.5],  # all tied: optimistic 1, pessimistic 3
@@ -99,6 +99,11 @@ def test_ties_optimistic_and_pessimistic():
     )
     assert gt_ranks(sim).tolist() == [1, 2, 1]
     assert gt_ranks(sim, ties="pessimistic").tolist() == [3, 3, 1]
+    assert gt_ranks(sim, ties="average").tolist() == [2.0, 2.5, 1.0]  # the reference MMT's averaging
+    # v2t against all captions averages too: video 0's best caption ties with one other caption
+    cv = torch.tensor([0, 0, 1])
+    sim_tv = torch.tensor([[0.7, 0.1], [0.2, 0.9], [0.7, 0.3]])
+    assert v2t_ranks(sim_tv, cv, ties="average", candidates="captions").tolist() == [1.5, 2.0]
     const = torch.ones(5, 5)
     assert retrieval_metrics(const)["R1"] == 100.0  # the documented optimistic-tie caveat
     assert retrieval_metrics(const, ties="pessimistic")["R1"] == 0.0

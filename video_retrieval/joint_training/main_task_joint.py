@@ -447,7 +447,11 @@ def evaluate(model: MMT, split_name: str, cfg, info: dist.DistInfo) -> dict[str,
             world_size=info.world_size,
         )
         sim = dist.gather_tensors_no_grad(rows)
-        policies[policy] = {"t2v": t2v_metrics(sim, caption_video), "v2t": v2t_metrics(sim, caption_video)}
+        # tied ranks averaged, as the reference's MMT evaluation
+        policies[policy] = {
+            "t2v": t2v_metrics(sim, caption_video, ties="average"),
+            "v2t": v2t_metrics(sim, caption_video, ties="average"),
+        }
     headline = cfg.eval_block if cfg.eval_block in policies else next(iter(policies))
     results: dict[str, Any] = dict(policies[headline])
     results.update(

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Extract JPEG frames with ffmpeg at 5 fps into the CLIP2Video reference's folder layout (SPEC §4).
+
+    python scripts/extract_frames.py --input_path VIDEOS --output_path FRAMES [--fps 5 --workers N]
+
+Every video under VIDEOS (sub-folders included) becomes ``FRAMES/{stem}/00000001.jpg, 00000002.jpg, ...``
+(ffmpeg ``-r 5``, as the reference's ``sample_frame.py``), which
+``main_task_inference --frame_path FRAMES`` reads at 2.5 fps (every second file) and 12 evenly spaced.
+Frames are written to a hidden temporary folder that is renamed once ffmpeg succeeded, so an existing
+folder is complete and is skipped on a rerun (the reference deletes and re-extracts everything). Two
+videos with the same stem are an error, not a silent overwrite. Failures are listed at the end and make
+the exit status 1.
+
+ffmpeg comes from ``imageio_ffmpeg.get_ffmpeg_exe()`` (a pip dependency), or ``ffmpeg`` on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compress_videos import VIDEO_EXTENSIONS, ffmpeg_exe  # noqa: E402
+
+
+def list_jobs(input_path: Path, output_path: Path) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
+    """(video, frame folder) pairs, one folder per stem; stems found twice are failures."""
+    by_stem: dict[str, list[Path]] = {}
+    for folder, dirs, files in os.walk(input_path, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            src = Path(folder) / name
+            if name.startswith(".") or src.suffix.lower() not in VIDEO_EXTENSIONS:
+                continue
+            by_stem.setdefault(src.stem, []).append(src)
+    jobs, failures = [], {}
+    for stem, srcs in sorted(by_stem.items()):
+        if len(srcs) == 1:
+            jobs.append((srcs[0], output_path / stem))
+        else:
+            for src in srcs:
+                failures[str(src)] = f"several videos have the stem {stem!r}: {[str(s) for s in srcs]}"
+    return jobs, failures
+
+
+def ffmpeg_command(
+    ffmpeg: str, src: Path, out_dir: Path, *, fps: float, quality: int, threads: int
+) -> list[str]:
+    return [
+        ffmpeg,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        "-y",
+        "-i",
+        str(src),
+        "-an",
+        "-sn",
+        "-dn",
+        "-r",
+        f"{fps:g}",
+        "-q:v",
+        str(quality),
+        "-threads",
+        str(threads),
+        str(out_dir / "%08d.jpg"),
+    ]
+
+
+def extract_one(ffmpeg: str, src: Path, dst: Path, *, fps: float, quality: int, threads: int) -> str | None:
+    """Frames of ``src`` into the folder ``dst`` via a temporary folder; an error message or None."""
+    tmp = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    proc = subprocess.run(
+        ffmpeg_command(ffmpeg, src, tmp, fps=fps, quality=quality, threads=threads),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    n = sum(1 for p in tmp.iterdir() if p.suffix == ".jpg")
+    if proc.returncode != 0 or n == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        return f"ffmpeg exit {proc.returncode}, {n} frames: {' | '.join(tail) or 'no output'}"
+    os.replace(tmp, dst)
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input_path", required=True, help="folder of videos (searched recursively)")
+    p.add_argument("--output_path", required=True, help="folder that receives one frame folder per video")
+    p.add_argument("--fps", type=float, default=5.0, help="extraction rate (the reference: 5)")
+    p.add_argument("--quality", type=int, default=2, help="JPEG qscale, 2 (best) .. 31")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.fps <= 0:
+        raise SystemExit(f"--fps must be positive, got {args.fps}")
+    if not 2 <= args.quality <= 31:
+        raise SystemExit(f"--quality must be in 2..31, got {args.quality}")
+    input_path, output_path = Path(args.input_path).resolve(), Path(args.output_path).resolve()
+    if not input_path.is_dir():
+        raise SystemExit(f"--input_path {input_path} is not a folder")
+    if output_path == input_path or input_path in output_path.parents:
+        raise SystemExit("--output_path must not be --input_path or inside it")
+    output_path.mkdir(parents=True, exist_ok=True)
+    ffmpeg = ffmpeg_exe()
+    jobs, failures = list_jobs(input_path, output_path)
+    todo = [(s, d) for s, d in jobs if not d.is_dir()]
+    workers = max(1, min(args.workers, len(todo) or 1))
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    print(
+        f"{len(jobs)} videos under {input_path}: {len(jobs) - len(todo)} already extracted, extracting "
+        f"{len(todo)} at {args.fps:g} fps on {workers} workers",
+        flush=True,
+    )
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            pool.submit(extract_one, ffmpeg, s, d, fps=args.fps, quality=args.quality, threads=threads): s
+            for s, d in todo
+        }
+        for future in tqdm(as_completed(futures), total=len(futures), unit="video", disable=args.no_progress):
+            error = future.result()
+            if error is not None:
+                failures[str(futures[future])] = error
+    done = len(todo) - sum(1 for s, _ in todo if str(s) in failures)
+    print(f"extracted {done}, skipped {len(jobs) - len(todo)}, failed {len(failures)}")
+    if failures:
+        print(f"{len(failures)} videos failed:", file=sys.stderr)
+        for src, error in sorted(failures.items()):
+            print(f"  {src}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""EMCL as an inference module (SPEC §4): CLIP2Video, our checkpoints or any embeddings, with/without EMCL."""
