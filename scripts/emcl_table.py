@@ -110,10 +110,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from emcl.viz.plot import figure, save_png
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     bars = [
@@ -121,7 +118,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ("with EMCL, paper", True, "paper"),
         ("with EMCL, query", True, "query"),
     ]
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    fig, axes = figure(size=(6.5, 3.6))
+    ax = axes[0, 0]
     width = 0.8 / len(bars)
     for j, (label, emcl, pol) in enumerate(bars):
         vals = [
@@ -136,11 +134,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("text-to-video R@1 (%)")
     ax.set_title("EMCL as a joint training module (synthetic data)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:

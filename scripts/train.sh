@@ -53,4 +53,6 @@ if [ -n "${EMCL_DRY_RUN:-}" ]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi
-exec "${cmd[@]}"
+"${cmd[@]}"
+echo "finished: $out/metrics.json. The paper's table from every finished run, beside the paper's numbers:"
+echo "  python scripts/paper_table.py runs/*/metrics.json --out runs/paper_table"

@@ -223,6 +223,16 @@ class FrameCache:
     def __contains__(self, video_id: object) -> bool:
         return isinstance(video_id, str) and self._group(video_id) is not None
 
+    def is_current(self, video_id: str, source: str | os.PathLike[str] | None = None,
+                   start: float | None = None, end: float | None = None) -> bool:
+        """Whether the cache holds ``video_id`` for this window and, given the ``source`` file, was decoded
+        from that same file (size and modification time); an entry without a stamp does not count."""
+        group = self._group(video_id)
+        if group is None or not bool(group.attrs.get("complete", True)):
+            return False
+        stamp = source_stamp(source) if source is not None else None
+        return _entry_current(group.attrs, start, end, stamp)
+
     def ids(self) -> list[str]:
         videos = self._h5().get("videos")
         return sorted(decode_key(k) for k in videos.keys()) if videos is not None else []

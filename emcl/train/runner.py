@@ -300,6 +300,13 @@ def _default_optimizer(model: nn.Module, cfg, total_steps: int, steps_per_epoch:
     return optimizer, build_scheduler(optimizer, total_steps, cfg.warmup_proportion, faithful=cfg.faithful)
 
 
+def _head_lr(optimizer) -> float:
+    """The learning rate of the new parameters (the group named ``new*``; else the first group), not the
+    backbone's ``lr * coef_lr``, for logs and curves."""
+    groups = optimizer.param_groups
+    return float(next((g["lr"] for g in groups if str(g.get("name", "")).startswith("new")), groups[0]["lr"]))
+
+
 def _default_clip(model: nn.Module, cfg) -> torch.Tensor | None:
     if cfg.max_grad_norm > 0:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -469,7 +476,7 @@ def train(
                 rate = seen / (time.perf_counter() - t0)
                 eta = (total_steps - step) * cfg.batch_size / max(rate, 1e-9)
                 mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-                lr_now = scheduler.get_last_lr()[-1]
+                lr_now = _head_lr(optimizer)
                 msg = dict(
                     loss=f"{loss.item():.4f}",
                     lr=f"{lr_now:.2e}",
@@ -520,7 +527,7 @@ def train(
             "epoch": epoch + 1,
             "step": step,
             "loss": epoch_loss,
-            "lr": scheduler.get_last_lr()[-1],
+            "lr": _head_lr(optimizer),
             "seconds": round(time.perf_counter() - t0, 2),
             "skipped_videos": len(skipped_ids),
             "skipped_samples": skipped,

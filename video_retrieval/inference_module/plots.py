@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
-
-from emcl.fileio import save_bytes
 
 _AXES = (
     ("K", "K (bases)", False),
@@ -22,13 +19,10 @@ def plot_sweep(
     """Six panels, written atomically as PNG: t2v/v2t R@1 against K, T, lambda, beta (others at ``base``),
     the t2v R@1 gain of every mu seed against its number of '+' signs (upstream init; the gaussian init's
     seeds beside it), and a text summary. Dashed lines: without EMCL."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from emcl.viz.plot import figure, save_png
 
     none = next(r for r in rows if r["axis"] == "none")
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = figure(2, 3, size=(15, 8.5))
     for ax, (key, label, log_x) in zip(axes.flat, _AXES):
         pts = sorted((r[key], r["t2v_R1"], r["v2t_R1"]) for r in rows if r["axis"] == key)
         if pts:
@@ -111,8 +105,4 @@ def plot_sweep(
         transform=ax.transAxes,
     )
     fig.suptitle(title or "EMCL inference sweep")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return save_bytes(buf.getvalue(), path)
+    return save_png(fig, path, dpi=110)
