@@ -126,7 +126,7 @@ def test_paper_block_matches_independent_loop(block):
     em = EMCL(k=32, stage_num=9, lamd=1.0, beta=3.0).eval()
     net = EMCLNet.__new__(EMCLNet)
     torch.nn.Module.__init__(net)
-    net.emcl, net.temp = em, 3.0
+    net.emcl, net.temp, net.pool = em, 3.0, "text"
     got = score_matrix(net.scores, t, f, m, mode="paper", block=block, chunk=2)
     want = independent_block_scores(t, f, m, em.mu, 9, 1.0, 3.0, 3.0, block)
     assert np.abs(got.numpy() - want).max() < 1e-4
