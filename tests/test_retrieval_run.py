@@ -192,3 +192,13 @@ def test_three_policies_side_by_side_and_eval_only_with_a_validation_split(msvd_
         check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and "centerK" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_paper_configs_default_to_the_paper_policy():
+    """The five configs that claim the paper's settings make `paper` the headline policy."""
+    import yaml
+
+    for name in ("msrvtt", "msvd", "lsmdc", "activitynet", "didemo"):
+        cfg = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        assert cfg["eval_block"] == "paper", name
+        assert cfg.get("eval_block_size", 32) == 32, name  # the reference's 32 x 32 blocks
