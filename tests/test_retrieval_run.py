@@ -172,6 +172,7 @@ def test_three_policies_side_by_side_and_eval_only_with_a_validation_split(msvd_
     best = str(out / "checkpoint_best.pt")
     proc = run(flags(msvd_data, ev, "--do_train", "0", "--do_eval", "1", "--init_model", best))
     c = json.loads((ev / "metrics.json").read_text())
+    assert c["init_model"] == best and c["finished"] is True
     # the headline policy and the block size come from the checkpoint too (the config says query, 32)
     assert c["test"]["policies"] == test["policies"]
     assert c["test"]["eval_block"] == "paper" and "val" in c

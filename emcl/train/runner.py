@@ -661,6 +661,8 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
         save_yaml(config_dict(cfg), out / "config.yaml")
 
     metrics: dict[str, Any] = {"finished": False, "task": task.name}
+    if cfg.init_model:
+        metrics["init_model"] = str(cfg.init_model)
     if cfg.do_train:
         metrics["train"] = train(task, cfg, model, info, out, resume_ck)
         del resume_ck
