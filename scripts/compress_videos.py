@@ -20,7 +20,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -139,15 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(jobs)} videos under {input_root}: {len(jobs) - len(todo)} already done, encoding "
           f"{len(todo)} with {codec} ({args.fps:g} fps, short side {args.size}) on {workers} workers",
           flush=True)
+    work = partial(compress_one, ffmpeg, fps=args.fps, size=args.size, codec=codec, threads=threads)
+    return run_jobs(work, todo, workers, failures, "encoded", len(jobs) - len(todo), args.no_progress)
+
+
+def run_jobs(work: Callable[[Path, Path], str | None], todo: list[tuple[Path, Path]], workers: int,
+             failures: dict[str, str], verb: str, skipped: int, no_progress: bool = False) -> int:
+    """Run ``work(src, dst)`` (None or an error message) over ``todo`` on ``workers`` threads with a
+    progress bar, then report counts and every failure (also those already in ``failures``); exit status
+    1 if any failed. Shared by this script and ``extract_frames.py``."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(compress_one, ffmpeg, s, d, fps=args.fps, size=args.size, codec=codec,
-                               threads=threads): s for s, d in todo}
-        for future in tqdm(as_completed(futures), total=len(futures), unit="video", disable=args.no_progress):
+        futures = {pool.submit(work, s, d): s for s, d in todo}
+        for future in tqdm(as_completed(futures), total=len(futures), unit="video", disable=no_progress):
             error = future.result()
             if error is not None:
                 failures[str(futures[future])] = error
     done = len(todo) - sum(1 for s, _ in todo if str(s) in failures)
-    print(f"encoded {done}, skipped {len(jobs) - len(todo)}, failed {len(failures)}")
+    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)}")
     if failures:
         print(f"{len(failures)} videos failed:", file=sys.stderr)
         for src, error in sorted(failures.items()):

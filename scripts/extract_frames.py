@@ -21,13 +21,11 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compress_videos import VIDEO_EXTENSIONS, ffmpeg_exe  # noqa: E402
+from compress_videos import VIDEO_EXTENSIONS, ffmpeg_exe, run_jobs  # noqa: E402
 
 
 def list_jobs(input_path: Path, output_path: Path) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
@@ -128,24 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(todo)} at {args.fps:g} fps on {workers} workers",
         flush=True,
     )
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {
-            pool.submit(extract_one, ffmpeg, s, d, fps=args.fps, quality=args.quality, threads=threads): s
-            for s, d in todo
-        }
-        for future in tqdm(as_completed(futures), total=len(futures), unit="video", disable=args.no_progress):
-            error = future.result()
-            if error is not None:
-                failures[str(futures[future])] = error
-    done = len(todo) - sum(1 for s, _ in todo if str(s) in failures)
-    print(f"extracted {done}, skipped {len(jobs) - len(todo)}, failed {len(failures)}")
-    if failures:
-        print(f"{len(failures)} videos failed:", file=sys.stderr)
-        for src, error in sorted(failures.items()):
-            print(f"  {src}: {error}", file=sys.stderr)
-        return 1
-    return 0
-
+    work = partial(extract_one, ffmpeg, fps=args.fps, quality=args.quality, threads=threads)
+    return run_jobs(work, todo, workers, failures, "extracted", len(jobs) - len(todo), args.no_progress)
 
 if __name__ == "__main__":
     sys.exit(main())
