@@ -189,3 +189,22 @@ def similarity(run: LoadedRun, t: torch.Tensor, f: torch.Tensor, mask: torch.Ten
     policy = policy or getattr(run.cfg, "eval_block", "query")
     block = int(getattr(run.cfg, "eval_block_size", 32))
     return score_matrix(score_function(run, policy), t, f, mask, mode=policy, block=block)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every tool that reads a finished run takes (figures, examples): where the run is, which
+    split, where to write, the device."""
+    p.add_argument("--run", default=None, help="run folder (config.yaml + checkpoint_best.pt)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint (its saved config is used)")
+    p.add_argument("--config", default=None, help="YAML whose settings override the saved config")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default=None, help="output folder (default: the run folder / the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--debug", action="store_true")
+
+
+def load_run_from_args(args: argparse.Namespace) -> LoadedRun:
+    """:func:`load_run` from the flags of :func:`add_run_arguments`."""
+    if args.run is None and args.checkpoint is None:
+        raise UserError("give --run DIR or --checkpoint CK [--config C]")
+    return load_run(args.run, args.checkpoint, args.config, device=args.device)

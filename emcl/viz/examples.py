@@ -191,31 +191,25 @@ def write_html(rows: list[dict[str, Any]], captions: list[str], video_ids: list[
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from emcl.train.runs import add_run_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=None, help="run folder (config.yaml + checkpoint_best.pt)")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--config", default=None, help="YAML whose settings override the saved config")
+    add_run_arguments(p)
     p.add_argument("-n", type=int, default=8, help="number of text queries")
     p.add_argument("-k", type=int, default=5, help="videos shown per query")
     p.add_argument("--queries", default=None, help="comma-separated caption indices instead of -n")
-    p.add_argument("--split", default="test")
     p.add_argument("--policy", default=None, choices=("paper", "query", "none"),
                    help="evaluation policy of the scores (default: the run's eval_block)")
     p.add_argument("--thumb_size", type=int, default=96, help="key-frame size in pixels")
-    p.add_argument("--out", default=None, help="output folder (default: the run folder / the checkpoint's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--debug", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from emcl.train.runs import load_run, similarity
+    from emcl.train.runs import load_run_from_args, similarity
 
-    if args.run is None and args.checkpoint is None:
-        raise UserError("give --run DIR or --checkpoint CK [--config C]")
-    run = load_run(args.run, args.checkpoint, args.config, device=args.device)
+    run = load_run_from_args(args)
     split = run.split(args.split)
     t, f, m, ok = run.features(split)
     if not bool(ok.all()):

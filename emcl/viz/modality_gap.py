@@ -216,27 +216,21 @@ def pick_captions(caption_video: list[int], valid: list[bool]) -> tuple[list[int
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from emcl.train.runs import add_run_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default=None, help="run folder (config.yaml + checkpoint_best.pt)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint (its saved config is used)")
-    p.add_argument("--config", default=None, help="YAML whose settings override the saved config")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", default=None, help="output folder (default: the run folder / the checkpoint's)")
+    add_run_arguments(p)
     p.add_argument("--max_videos", type=int, default=2000, help="use at most this many videos (the first)")
-    p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's train/test halves")
-    p.add_argument("--debug", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from emcl.train.runs import load_run
+    from emcl.train.runs import load_run_from_args
 
-    if args.run is None and args.checkpoint is None:
-        raise UserError("give --run DIR or --checkpoint CK [--config C]")
-    run = load_run(args.run, args.checkpoint, args.config, device=args.device)
+    run = load_run_from_args(args)
     split = run.split(args.split)
     t, f, m, ok = run.features(split)
     captions, vids = pick_captions(list(split.caption_video), ok.cpu().tolist())
