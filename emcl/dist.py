@@ -291,6 +291,20 @@ def gather_tensors_no_grad(x: Tensor) -> Tensor:
     return out.to(x.device)
 
 
+@torch.no_grad()
+def gather_in_order(x: Tensor, idx: Tensor, n: int, fill: float = 0) -> Tensor:
+    """Evaluation rows computed on every rank, put back in dataset order.
+
+    ``x``: this rank's rows; ``idx``: the dataset index of every row of every rank, already gathered
+    (``gather_tensors_no_grad`` of the ranks' indices, in rank order, so one gather serves several
+    tensors). Returns an (n, ...) tensor on every rank; rows no rank computed hold ``fill``.
+    """
+    x = gather_tensors_no_grad(x)
+    out = torch.full((n, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
+    out[idx] = x
+    return out
+
+
 def all_gather_object_list(obj: Any) -> list[Any]:
     """Gather one picklable object per rank into a list in rank order; ``[obj]`` in a single process."""
     if get_world_size() == 1:

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from emcl import dist
 from emcl.clip import build_clip, load_clip, tokenize
 from emcl.data.annotations import QA_FILES, QASplit, load_ans2label, load_qa_split
 from emcl.data.datasets import Skipped, VideoDataset, collate_skip
-from emcl.data.loader import build_loader
+from emcl.data.loader import build_loader, rank_subset
 from emcl.data.video import SkipBudget, VideoError, check_videos_exist, missing_videos
 from emcl.metrics import format_qa_table, qa_accuracy
 from emcl.train.amp import autocast
@@ -342,21 +342,8 @@ def train_step(ddp, model: EMCLQA, batch: dict, cfg: argparse.Namespace, info: d
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _rank_subset(dataset, info: dist.DistInfo):
-    """Indices rank::W of an evaluation set, no padding."""
-    return Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
-
-
 def _cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts) if parts else empty
-
-
-def _assemble(x: torch.Tensor, idx: torch.Tensor, n: int, fill: float = 0) -> torch.Tensor:
-    """Every rank's rows put back in dataset order (``idx``: the gathered dataset indices)."""
-    x = dist.gather_tensors_no_grad(x)
-    out = torch.full((n, *x.shape[1:]), fill, dtype=x.dtype, device=x.device)
-    out[idx] = x
-    return out
 
 
 class _Questions(Dataset):
@@ -397,7 +384,7 @@ def evaluate(model: EMCLQA, split: str, cfg: argparse.Namespace, info: dist.Dist
         )
     video_ds = VideoDataset(qa, video_source(cfg), skip_bad_videos=cfg.skip_bad_videos)
     loader = build_loader(
-        _rank_subset(video_ds, info),
+        rank_subset(video_ds, info.rank, info.world_size),
         batch_size=cfg.batch_size_val,
         shuffle=False,
         seed=cfg.seed,
@@ -415,12 +402,12 @@ def evaluate(model: EMCLQA, split: str, cfg: argparse.Namespace, info: dist.Dist
     nv = len(qa.video_ids)
     no_index = torch.empty(0, dtype=torch.long, device=device)
     vi = dist.gather_tensors_no_grad(_cat(v_idx, no_index))
-    video = _assemble(_cat(feats, torch.empty(0, dim, device=device)), vi, nv)
-    ok = _assemble(_cat(valid, torch.empty(0, dtype=torch.bool, device=device)), vi, nv)
+    video = dist.gather_in_order(_cat(feats, torch.empty(0, dim, device=device)), vi, nv)
+    ok = dist.gather_in_order(_cat(valid, torch.empty(0, dtype=torch.bool, device=device)), vi, nv)
 
     ids, mask = get_tokens(cfg.anno_path, split, cfg.max_words)
     q_loader = build_loader(
-        _rank_subset(_Questions(ids, mask, qa.record_video), info),
+        rank_subset(_Questions(ids, mask, qa.record_video), info.rank, info.world_size),
         batch_size=cfg.batch_size_val,
         shuffle=False,
         seed=cfg.seed,
@@ -438,7 +425,7 @@ def evaluate(model: EMCLQA, split: str, cfg: argparse.Namespace, info: dist.Dist
         q_idx.append(b["index"].to(device))
     n = len(qa.records)
     qi = dist.gather_tensors_no_grad(_cat(q_idx, no_index))
-    pred_all = _assemble(_cat(preds, no_index), qi, n, fill=-1)
+    pred_all = dist.gather_in_order(_cat(preds, no_index), qi, n, fill=-1)
 
     answers = [r.answer for r in qa.records]
     types = [r.answer_type for r in qa.records]

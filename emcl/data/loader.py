@@ -15,6 +15,7 @@ from torch.utils.data import (
     RandomSampler,
     Sampler,
     SequentialSampler,
+    Subset,
 )
 
 from emcl.data.datasets import collate_skip
@@ -118,3 +119,10 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
+
+
+def rank_subset(dataset: Dataset, rank: int, world_size: int) -> Subset:
+    """Items ``rank::world_size`` of an evaluation set, without the padding a DistributedSampler adds;
+    items carry their dataset index, so the ranks' outputs go back in order
+    (:func:`emcl.dist.gather_in_order`)."""
+    return Subset(dataset, list(range(rank, len(dataset), world_size)))

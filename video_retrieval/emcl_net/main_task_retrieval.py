@@ -27,7 +27,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 from tqdm import tqdm
 
 from emcl import dist
@@ -41,7 +40,7 @@ from emcl.data.datasets import (
     has_split,
     load_split,
 )
-from emcl.data.loader import build_loader
+from emcl.data.loader import build_loader, rank_subset
 from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
 from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
@@ -183,17 +182,12 @@ def get_split(cfg: argparse.Namespace, split: str) -> RetrievalSplit:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _rank_subset(dataset, info: dist.DistInfo):
-    """Indices rank::W of an evaluation set, no padding; items carry their index for reassembly."""
-    return Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
-
-
 @torch.no_grad()
 def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.DistInfo):
     """Text features (A, D), frame features (V, T, D), frame masks and video validity, on every rank."""
     device = info.device
     text_loader = build_loader(
-        _rank_subset(TextDataset(split, cfg.max_words), info),
+        rank_subset(TextDataset(split, cfg.max_words), info.rank, info.world_size),
         batch_size=cfg.batch_size_val,
         shuffle=False,
         seed=cfg.seed,
@@ -202,7 +196,7 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
     )
     video_ds = VideoDataset(split, video_source(cfg), skip_bad_videos=cfg.skip_bad_videos)
     video_loader = build_loader(
-        _rank_subset(video_ds, info),
+        rank_subset(video_ds, info.rank, info.world_size),
         batch_size=cfg.batch_size_val,
         shuffle=False,
         seed=cfg.seed,
@@ -231,20 +225,13 @@ def extract_features(model: EMCLNet, split: RetrievalSplit, cfg, info: dist.Dist
     def cat(parts, shape, dtype):
         return torch.cat(parts) if parts else torch.empty(shape, dtype=dtype, device=device)
 
-    def assemble(x: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
-        """Every rank's rows put back in dataset order (``idx``: the gathered dataset indices)."""
-        x = dist.gather_tensors_no_grad(x)
-        out = x.new_zeros((n, *x.shape[1:]))
-        out[idx] = x
-        return out
-
     a, v = len(split.captions), len(split.video_ids)
     ti = dist.gather_tensors_no_grad(cat(t_idx, (0,), torch.long))
     vi = dist.gather_tensors_no_grad(cat(v_idx, (0,), torch.long))
-    t = assemble(cat(t_parts, (0, d), torch.float32), ti, a)
-    f = assemble(cat(f_parts, (0, n_frames, d), torch.float32), vi, v)
-    m = assemble(cat(m_parts, (0, n_frames), torch.long), vi, v)
-    ok = assemble(cat(valid, (0,), torch.bool), vi, v)
+    t = dist.gather_in_order(cat(t_parts, (0, d), torch.float32), ti, a)
+    f = dist.gather_in_order(cat(f_parts, (0, n_frames, d), torch.float32), vi, v)
+    m = dist.gather_in_order(cat(m_parts, (0, n_frames), torch.long), vi, v)
+    ok = dist.gather_in_order(cat(valid, (0,), torch.bool), vi, v)
     return t, f, m, ok
 
 

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Subset
 
 from emcl import dist
 from emcl.fileio import save_bytes
@@ -283,19 +282,12 @@ def save_embeddings(emb: Embeddings, out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def _rank_subset(dataset, info: dist.DistInfo) -> Subset:
-    return Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
-
-
 def _assemble(
     parts: list[torch.Tensor], idx: torch.Tensor, n: int, tail: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
     """Every rank's rows, put back in dataset order."""
     x = torch.cat(parts) if parts else torch.empty((0, *tail), device=device)
-    x = dist.gather_tensors_no_grad(x)
-    out = x.new_zeros((n, *x.shape[1:]))
-    out[idx] = x
-    return out
+    return dist.gather_in_order(x, idx, n)
 
 
 def _drop_invalid(emb: Embeddings, ok: torch.Tensor, video_ids: list[str]) -> Embeddings:
@@ -369,7 +361,7 @@ def load_split(cfg: argparse.Namespace):
 def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     """Encode a split with a CLIP2Video checkpoint: main vectors and TAB vectors of every text and video."""
     from emcl.data.datasets import TextDataset, VideoDataset
-    from emcl.data.loader import build_loader
+    from emcl.data.loader import build_loader, rank_subset
     from emcl.train.amp import autocast
 
     from .clip2video import checkpoint_path, load_clip2video
@@ -384,7 +376,7 @@ def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     source = frame_source(cfg, model.clip.image_size)
     device, d = info.device, model.clip.embed_dim
     texts = build_loader(
-        _rank_subset(TextDataset(split, cfg.max_words), info),
+        rank_subset(TextDataset(split, cfg.max_words), info.rank, info.world_size),
         batch_size=cfg.batch_size_val,
         shuffle=False,
         seed=cfg.seed,
@@ -392,7 +384,9 @@ def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
         distributed=False,
     )
     videos = build_loader(
-        _rank_subset(VideoDataset(split, source, skip_bad_videos=cfg.skip_bad_videos), info),
+        rank_subset(
+            VideoDataset(split, source, skip_bad_videos=cfg.skip_bad_videos), info.rank, info.world_size
+        ),
         batch_size=cfg.batch_size_val,
         shuffle=False,
         seed=cfg.seed,

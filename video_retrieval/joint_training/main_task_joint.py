@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 
 from emcl import dist
 from emcl.data.annotations import RetrievalSplit
@@ -35,7 +34,7 @@ from emcl.data.expert_datasets import (
     load_tokenizer,
 )
 from emcl.data.experts import EXPERT_DIMS, MMT_DATATYPES, ExpertStore, consolidate_experts, load_expert_split
-from emcl.data.loader import build_loader
+from emcl.data.loader import build_loader, rank_subset
 from emcl.loss import hinge_topk
 from emcl.metrics import format_table, t2v_metrics, v2t_metrics
 from emcl.scoring import EVAL_POLICIES, embedding_score_matrix
@@ -369,32 +368,23 @@ def compile_targets(model: MMT) -> list[torch.nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def _rank_subset(dataset, info: dist.DistInfo):
-    return Subset(dataset, list(range(info.rank, len(dataset), info.world_size)))
-
-
-def _assemble(parts: list[torch.Tensor], idx: list[torch.Tensor], n: int) -> torch.Tensor:
-    """Every rank's rows put back in dataset order."""
-    x = dist.gather_tensors_no_grad(torch.cat(parts))
-    i = dist.gather_tensors_no_grad(torch.cat(idx))
-    out = x.new_zeros((n, *x.shape[1:]))
-    out[i] = x
-    return out
-
-
 @torch.no_grad()
 def embed_split(model: MMT, split: RetrievalSplit, cfg, info: dist.DistInfo):
     """Text embeddings (A, M, D), modality weights (A, M) and video embeddings (V, M, D) on every rank."""
     dev = info.device
     kw = dict(shuffle=False, seed=cfg.seed, distributed=False, collate_fn=collate_experts)
     texts = build_loader(
-        _rank_subset(CaptionDataset(split, _tokenizer(cfg), cfg.max_words, bool(cfg.faithful)), info),
+        rank_subset(
+            CaptionDataset(split, _tokenizer(cfg), cfg.max_words, bool(cfg.faithful)),
+            info.rank,
+            info.world_size,
+        ),
         batch_size=cfg.batch_size_val,
         workers=0,
         **kw,
     )
     videos = build_loader(
-        _rank_subset(ExpertVideoDataset(split, get_store(cfg), cfg.max_tokens), info),
+        rank_subset(ExpertVideoDataset(split, get_store(cfg), cfg.max_tokens), info.rank, info.world_size),
         batch_size=cfg.batch_size_val,
         workers=cfg.workers,
         **kw,
@@ -411,7 +401,13 @@ def embed_split(model: MMT, split: RetrievalSplit, cfg, info: dist.DistInfo):
             v_parts.append(model.encode_video(_to(b["experts"], dev)).float())
         v_idx.append(b["video_index"].to(dev))
     a, v = split.num_captions, split.num_videos
-    return (_assemble(t_parts, t_idx, a), _assemble(w_parts, t_idx, a), _assemble(v_parts, v_idx, v))
+    ti = dist.gather_tensors_no_grad(torch.cat(t_idx))  # each index list gathered once
+    vi = dist.gather_tensors_no_grad(torch.cat(v_idx))
+    return (
+        dist.gather_in_order(torch.cat(t_parts), ti, a),
+        dist.gather_in_order(torch.cat(w_parts), ti, a),
+        dist.gather_in_order(torch.cat(v_parts), vi, v),
+    )
 
 
 @torch.no_grad()
