@@ -43,6 +43,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from emcl.data.workers import loader_context
 from emcl.fileio import save_json, save_torch
 from emcl.train.errors import UserError, cli_main
 
@@ -164,7 +165,7 @@ def build_index(videos_dir: str | os.PathLike, checkpoint: str | os.PathLike, ou
         raise UserError(f"no video files under {videos_dir}")
     cache = _usable_cache(cfg, frame_cache)
     loader = DataLoader(_Clips(videos, cfg, cache), batch_size=batch_size, num_workers=workers,
-                        collate_fn=list)
+                        collate_fn=list, multiprocessing_context=loader_context(workers))
     feats: list[torch.Tensor] = []
     masks: list[torch.Tensor] = []
     keep: list[int] = []
@@ -208,7 +209,7 @@ def build_index(videos_dir: str | os.PathLike, checkpoint: str | os.PathLike, ou
         "num_from_frame_cache": n_cached,
         "frame_cache": cache,
         "seconds": round(time.perf_counter() - start, 2),
-        "config": _plain(vars(cfg)),
+        "config": _plain({k: v for k, v in vars(cfg).items() if not k.startswith("_")}),
     }
     save_json(meta, out / "index.json")  # written last: its presence marks a finished index
     return meta

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from emcl.data.cache import FrameCache
 from emcl.data.video import BACKENDS, find_videos, read_frames
+from emcl.data.workers import loader_context
 from emcl.fileio import save_json
 
 
@@ -94,26 +95,46 @@ class _Cached(Dataset):
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process plus its finished (joined) children, e.g. DataLoader workers."""
+    """CPU time of this process plus its finished (joined) children."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a live process, from /proc (0 where /proc is not there)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def clips_per_second(dataset: Dataset, workers: int, warmup: bool = False) -> tuple[float, float]:
     """(clips per wall second, clips per CPU second) of one DataLoader pass (worker start included).
 
-    CPU seconds include the workers (they exit after the pass), so they do not depend on other load on a
-    shared machine. ``warmup`` first runs one untimed pass (file handles, page cache).
+    CPU seconds include the workers, so they do not depend on other load on a shared machine. Workers
+    may come from the fork server (:mod:`emcl.data.workers`) rather than from this process, so their CPU
+    time is read from /proc while they are alive. ``warmup`` first runs one untimed pass with its own
+    workers (file handles, page cache).
     """
-    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
+    def make() -> DataLoader:  # persistent: the workers are still there to be measured after the pass
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                          multiprocessing_context=loader_context(workers), persistent_workers=workers > 0)
+
     if warmup:
-        for _ in loader:
+        warm = make()
+        for _ in warm:
             pass
+        del warm
+    loader = make()
     n, start, cpu = 0, time.perf_counter(), _cpu_seconds()
     for clip in loader:
         n += 1
         assert clip.dtype == torch.uint8
-    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    wall = time.perf_counter() - start
+    workers_alive = getattr(loader._iterator, "_workers", [])
+    cpu = _cpu_seconds() - cpu + sum(_process_cpu_seconds(w.pid) for w in workers_alive)
+    del loader
     return n / wall, n / max(cpu, 1e-9)
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from emcl.data.cache import CacheBuildError, FrameCache, build_cache, decode_key, encode_key
 from emcl.data.video import VideoError, VideoSource, read_frames
+from emcl.data.workers import worker_context
 
 try:  # tests/ may or may not be a package
     from tests._video_fixtures import REPO, frame_indices, load_script, write_video
@@ -79,7 +80,7 @@ def test_build_in_process_equals_read_frames(video_dir: Path, tmp_path: Path) ->
     assert torch.equal(clone.get("v0")[0], cache.get("v0")[0])
     source = VideoSource(None, frame_cache=str(out), **SETTINGS)
     loader = DataLoader([f"v{i}" for i in range(6)], batch_size=None, num_workers=2,
-                        collate_fn=source.load)
+                        collate_fn=source.load, multiprocessing_context=worker_context())
     for (frames, _), vid in zip(loader, ids):
         assert torch.equal(frames, _decode(video_dir, vid)[0])
     with pytest.raises(VideoError, match="not in the frame cache") as info:

@@ -3,17 +3,11 @@ installs): the ranges admit the GPU machines' torch 2.11 / torchvision 0.26 and 
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from pathlib import Path
 
-import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    tomllib = pytest.importorskip("tomli")
 
 REPO = Path(__file__).resolve().parents[1]
 

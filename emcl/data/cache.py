@@ -49,6 +49,7 @@ from emcl.data.video import (
     find_videos,
     read_frames,
 )
+from emcl.data.workers import worker_context
 from emcl.errors import UserValueError
 
 log = logging.getLogger(__name__)
@@ -724,6 +725,7 @@ def _results(jobs: _DecodeJobs, workers: int) -> Iterator[dict[str, Any]]:
         batch_size=None,
         shuffle=False,
         num_workers=min(workers, len(jobs)),
+        multiprocessing_context=worker_context(),
         collate_fn=_identity,
         in_order=False,
         prefetch_factor=2,

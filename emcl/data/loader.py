@@ -19,6 +19,7 @@ from torch.utils.data import (
 )
 
 from emcl.data.datasets import collate_skip
+from emcl.data.workers import loader_context
 
 __all__ = ["EpochKeyedSampler", "EpochRandomSampler", "build_loader", "set_epoch", "worker_init_fn"]
 
@@ -81,7 +82,8 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
 
     ``distributed=None`` uses a :class:`DistributedSampler` (``batch_size`` is per rank) whenever
     ``torch.distributed`` is initialised; otherwise a seeded :class:`EpochRandomSampler` when shuffling,
-    else sequential order. Workers are persistent, and memory is pinned when CUDA is available. The
+    else sequential order. Workers are persistent and start without fork
+    (:mod:`emcl.data.workers`), and memory is pinned when CUDA is available. The
     default ``collate_fn`` is :func:`~emcl.data.datasets.collate_skip`. ``epoch_keys`` wraps the sampler
     in :class:`EpochKeyedSampler` (the dataset must accept ``(epoch, index)`` keys).
     """
@@ -111,6 +113,7 @@ def build_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
         worker_init_fn=worker_init_fn,
         generator=torch.Generator().manual_seed(int(seed) + 1),
         persistent_workers=workers > 0,
+        multiprocessing_context=loader_context(workers),
     )
 
 

@@ -63,7 +63,7 @@ RESULT_FILES: tuple[str, ...] = (
 
 # ------------------------------------------------------------------------------------------------ lock
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).astimezone().isoformat(timespec="seconds")
 
 
 def _pid_alive(pid: int) -> bool:
