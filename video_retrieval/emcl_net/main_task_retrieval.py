@@ -1,4 +1,4 @@
-"""EMCL-Net training and evaluation (SPEC §2), one process or many under torchrun.
+"""EMCL-Net training and evaluation (docs/reference.md, 'EMCL-Net'), one process or many under torchrun.
 
     python -m video_retrieval.emcl_net.main_task_retrieval --config configs/synthetic.yaml \
         --output_dir runs/demo
