@@ -3,7 +3,7 @@
 Every function works in a plain single process (no torchrun, no process group) as a no-op, so training
 and evaluation code can call them unconditionally. Backend: NCCL for CUDA devices, gloo for CPU.
 
-Gradient of the all-gather (SPEC §2: "gradient flows back to the local slice ... document what we do").
+Gradient of the all-gather (docs/reference.md, 'EMCL-Net': several ranks).
 Setting: W ranks, rank r embeds its rows x_r = f_θ(input_r); every rank gathers X = [x_0; ...; x_{W-1}]
 and computes the *same* loss L(X) on the full batch; DDP then averages the parameter gradients over ranks.
 The single-process gradient of L on the full batch is dL/dθ = Σ_r (∂L/∂x_r)(∂x_r/∂θ).

@@ -1,4 +1,4 @@
-"""The EM subspace layer of EMCL (SPEC §1), the paper's contribution.
+"""The EM subspace layer of EMCL (docs/reference.md, 'The EM layer'), the paper's contribution.
 
 The D feature channels of a batch ``X`` (N samples x D channels) are treated as EM data points in
 sample space; K bases ``U`` (N x K) are fitted by T rounds of EM, and the low-rank reconstruction

@@ -1,4 +1,4 @@
-"""Retrieval metrics for text-video similarity matrices (SPEC §2, "Evaluation").
+"""Retrieval metrics for text-video similarity matrices (docs/reference.md, 'Evaluation protocol').
 
 Conventions used throughout:
 
@@ -15,7 +15,8 @@ Conventions used throughout:
 * R@k are percentages, MdR is the median rank (mean of the two middle ranks for an even count, as
   ``numpy.median``), MnR the mean rank.
 * Video→text with several captions per video (MSVD, MSR-VTT full) follows the reference by default
-  (SPEC §2): each video ranks the V caption *groups*, a group scoring its best caption (``v2t``).
+  (docs/reference.md, 'Evaluation protocol'): each video ranks the V caption *groups*, a group scoring
+  its best caption (``v2t``).
   Ranking each video against all T captions is a different, harder protocol; :func:`evaluate_similarity`
   reports it beside, labelled ``v2t_captions`` (and ``v2t_captions_dsl``), never in place of ``v2t``.
 * NaN scores are an error (a NaN compares false with everything and would silently rank first);
@@ -152,10 +153,10 @@ def v2t_ranks(
 ) -> Tensor:
     """Video→text ranks for ``sim_tv`` [T, V]; LongTensor[V].
 
-    ``candidates="videos"`` (default): the reference's multi-caption protocol (SPEC §2,
-    ``tensor_video_to_text_sim``): the captions of each video are first collapsed to their maximum
-    score, giving a V x V matrix, so video ``v`` ranks V caption *groups*, not T captions (R@1: its own
-    group's best caption beats every other video's best caption).
+    ``candidates="videos"`` (default): the reference's multi-caption protocol (docs/reference.md,
+    'Evaluation protocol'; ``tensor_video_to_text_sim``): the captions of each video are first collapsed
+    to their maximum score, giving a V x V matrix, so video ``v`` ranks V caption *groups*, not T
+    captions (R@1: its own group's best caption beats every other video's best caption).
 
     ``candidates="captions"``: video ``v`` ranks all T captions (its column) and its rank is the best
     (minimum) rank among its own captions. Since a rank only grows as the score falls, that equals the
@@ -329,7 +330,7 @@ def _is_row(row: dict) -> bool:
     return any(k in row for k in RANK_KEYS)
 
 
-# --- question answering (SPEC §5) ---------------------------------------------------------------
+# --- question answering (docs/reference.md, 'EMCL-QA') ----------------------------------------------------
 QA_TYPE_ORDER = ("what", "who", "how", "when", "where")
 
 

@@ -3,8 +3,8 @@
 ``score_fn(t, f, mask)`` maps texts (..., A, D) and videos (..., B, *rest) with masks (..., B, *rest')
 (or ``None``) to scores (..., A, B) and must broadcast over leading block dimensions (EMCL-Net's
 ``scores`` does, with per-frame features (B, T, D); pooled video vectors are (B, D) with no mask).
-Every call runs in float32 with autocast off (SPEC §1, precision): bf16 there moves scores enough to
-swap near-tied candidates, and is no faster.
+Every call runs in float32 with autocast off (docs/reference.md, 'Precision'): bf16 there moves scores
+enough to swap near-tied candidates, and is no faster.
 
 - ``paper``: the reference's policy. EM runs separately on every block of ``block`` texts x ``block``
   videos (in their given order), so a score depends on which texts and videos share its block.
@@ -154,8 +154,9 @@ def pooled_emcl_scores(
 ) -> torch.Tensor:
     """Dot products (..., A, B) of texts ``t`` (..., A, D) and pooled videos ``v`` (..., B, D) after EMCL.
 
-    The inference module's form (SPEC §4): EM runs on ``X = [the B video rows; the A text rows]`` of each
-    leading block, ``Y = X + beta * R`` is *not* renormalised, and the score is ``y_t . y_v``. With ``mu``
+    The inference module's form (docs/reference.md, 'EMCL as an inference module'): EM runs on
+    ``X = [the B video rows; the A text rows]`` of each leading block, ``Y = X + beta * R`` is *not*
+    renormalised, and the score is ``y_t . y_v``. With ``mu``
     None the EM step is skipped and the scores are plain dot products of the inputs, computed along the
     same path (so ``beta = 0`` gives exactly the same numbers). A ``score_fn`` for :func:`score_matrix`
     (bind the keywords with ``functools.partial``); the leading dims of ``t`` and ``v`` broadcast.

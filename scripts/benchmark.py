@@ -455,7 +455,8 @@ def bench_e2e(args, device: torch.device) -> dict:
 def main(argv=None) -> dict:
     args = parse(argv)
     device = torch.device(args.device)
-    # no TF32: the scoring after the encoders is float32 by policy (SPEC §1), as in the CLI
+    # no TF32: the scoring after the encoders is float32 by policy (docs/reference.md, 'Precision'),
+    # as in the CLI
     try:
         model = make_model(args, device)
         res: dict = {

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Re-encode a video tree to a low frame rate and short side (SPEC §3: 3 fps, short side 224, no audio).
+"""Re-encode a video tree to a low frame rate and short side (docs/reference.md, 'Datasets and formats':
+3 fps, short side 224, no audio).
 
     python scripts/compress_videos.py --input_root IN --output_root OUT [--fps 3 --size 224 --workers N]
 

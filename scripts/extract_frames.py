@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Extract JPEG frames with ffmpeg at 5 fps into the CLIP2Video reference's folder layout (SPEC §4).
+"""Extract JPEG frames with ffmpeg at 5 fps into the CLIP2Video reference's folder layout
+(docs/reference.md, 'EMCL as an inference module').
 
     python scripts/extract_frames.py --input_path VIDEOS --output_path FRAMES [--fps 5 --workers N]
 

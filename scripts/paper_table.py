@@ -6,9 +6,10 @@ For every ``metrics.json`` (its ``test`` results, else ``val``, labelled) and ev
 holds (``policies: {paper, query, none}`` when the run evaluated several, else the one in ``eval_block``),
 one row: R@1, R@5, R@10, MdR, MnR text-to-video and video-to-text. The dataset comes from ``config.yaml``
 beside ``metrics.json`` (``datatype``, ``msrvtt_test``; a synthetic run is labelled as such). Under each
-row: the paper's number, the reference's re-run (SPEC §2) and our difference to each; differences are
-left out for synthetic data, which only shares the layout with the real dataset. Cells the paper does not
-report are "-". Writes ``OUT.md`` and ``OUT.json`` and prints the markdown.
+row: the paper's number, the reference's re-run (docs/reference.md, 'Reported numbers') and our
+difference to each; differences are left out for synthetic data, which only shares the layout with the
+real dataset. Cells the paper does not report are "-". Writes ``OUT.md`` and ``OUT.json`` and prints
+the markdown.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ DATASET_NAMES = {
     "didemo": "DiDeMo",
 }
 
-# SPEC §2 (ViT-B/32): the paper's numbers and the reference code's re-runs. Only what SPEC states.
+# docs/reference.md, 'Reported numbers' (ViT-B/32): the paper's numbers and the reference code's
+# re-runs, nothing else.
 PAPER: dict[str, dict[str, dict[str, float]]] = {
     "msrvtt-1k": {"t2v": {"R1": 46.8, "R5": 73.1, "R10": 83.1, "MnR": 12.8}, "t2v_dsl": {"R1": 51.6}},
     "msvd": {"t2v": {"R1": 42.1, "R5": 71.3, "R10": 81.1, "MdR": 2.0, "MnR": 17.6}},
@@ -52,11 +54,11 @@ REFERENCE: dict[str, list[tuple[str, dict[str, dict[str, float]]]]] = {
         ("reference re-run, 8 GPUs", {"t2v": {"R1": 48.2, "R5": 74.7, "R10": 83.6, "MnR": 13.1}}),
     ],
 }
-DSL_NOTE = ("SPEC §2 gives 'with DSL 51.6' (MSR-VTT 1k-A text-to-video R@1) without saying whether it is the "
-            "paper's or the re-run's; shown as the paper's DSL number")
+DSL_NOTE = ("The reported numbers give 'with DSL 51.6' (MSR-VTT 1k-A text-to-video R@1) without saying "
+            "whether it is the paper's or the re-run's; shown as the paper's DSL number")
 NOTES = {
     "msrvtt-full": "the paper reports MSR-VTT on the 1k-A split only",
-    "lsmdc": "SPEC §2 holds no LSMDC number for EMCL-Net",
+    "lsmdc": "the reported numbers hold no LSMDC number for EMCL-Net",
 }
 
 
@@ -281,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, args.dsl)
     out = Path(args.out)
     atomic_write(out.with_name(out.name + ".md"), lambda fh: fh.write(md.encode()))
-    save_json({"rows": rows, "skipped": skipped, "source_of_reference_numbers": "SPEC §2 (ViT-B/32)"},
+    save_json({"rows": rows, "skipped": skipped,
+               "source_of_reference_numbers": "docs/reference.md, 'Reported numbers' (ViT-B/32)"},
               out.with_name(out.name + ".json"))
     print(md)
     print(f"wrote {out}.md and {out}.json", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Run scripts/benchmark.py once per setting (a fresh process each, so every peak is its own) and write the
-speed-memory table of PERFORMANCE.md as Markdown.
+speed-memory table of docs/performance.md as Markdown.
 
     python scripts/perf_sweep.py --out perf/                    # all settings below, ~40 min on one H100
     python scripts/perf_sweep.py --out perf/ --only default eager lean_mlp4

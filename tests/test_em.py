@@ -1,4 +1,4 @@
-"""The EM layer against SPEC §1 written out independently in float64 numpy."""
+"""The EM layer against docs/reference.md, 'The EM layer' written out independently in float64 numpy."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from emcl.em import EMCL, em_reconstruct
 
 
 def reference_em(x: np.ndarray, mu: np.ndarray, t: int, lamd: float, beta: float, multiply: bool = False):
-    """SPEC §1 step by step, float64, one explicit loop per equation."""
+    """docs/reference.md, 'The EM layer', step by step, float64, one explicit loop per equation."""
     n, d = x.shape
     u = np.ones((n, 1)) @ mu.reshape(1, -1)
     for _ in range(t):

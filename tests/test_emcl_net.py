@@ -171,7 +171,7 @@ def test_bf16_fast_path_matches_fp32(model):
     assert (out["bf16"][1] - out["fp32"][1]).abs().max() < 3e-2
 
 
-# ----------------------------------------------------------------------------- precision (SPEC §1)
+# --------------------------------------------- precision (docs/reference.md, 'Precision')
 
 
 def _unit_features(a: int, v: int, t: int, d: int, seed: int):
@@ -184,8 +184,9 @@ def _unit_features(a: int, v: int, t: int, d: int, seed: int):
 
 
 def test_emcl_scores_under_bf16_autocast_equal_fp32():
-    """Pooling, EM, residual, normalisation and cosine run in fp32 with autocast off (SPEC §1): under bf16
-    autocast the scores equal the fp32 ones to 1e-5 (in bf16 they moved by up to ~3e-3)."""
+    """Pooling, EM, residual, normalisation and cosine run in fp32 with autocast off (docs/reference.md,
+    'Precision'): under bf16 autocast the scores equal the fp32 ones to 1e-5 (in bf16 they moved by up to
+    ~3e-3)."""
     from video_retrieval.emcl_net.model import emcl_scores
 
     t, f, m = _unit_features(32, 32, 12, 512, seed=7)

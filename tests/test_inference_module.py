@@ -277,7 +277,8 @@ def test_clip2video_missing_checkpoint_is_named(clip2video_case, tmp_path, capsy
 def reference_scores_f64(
     t: np.ndarray, v: np.ndarray, mu: np.ndarray, block: int, k_iters: int, lamd: float, beta: float
 ) -> np.ndarray:
-    """SPEC §4 written out in float64: for each (text block, video block) EM on [videos; texts]."""
+    """docs/reference.md, 'EMCL as an inference module', written out in float64: for each (text block,
+    video block) EM on [videos; texts]."""
     out = np.zeros((len(t), len(v)))
     for a0 in range(0, len(t), block):
         for b0 in range(0, len(v), block):
@@ -346,7 +347,8 @@ def test_paper_block_scores_match_float64_reference():
 
 
 def test_query_policy_is_independent_of_order():
-    # D = 512: with few channels the sharp lambda = 0.1 softmax lets round-off split near-ties (SPEC §4)
+    # D = 512: with few channels the sharp lambda = 0.1 softmax lets round-off split near-ties
+    # (docs/reference.md, 'EMCL as an inference module')
     g = torch.Generator().manual_seed(1)
     t = torch.nn.functional.normalize(torch.randn(20, 512, generator=g), dim=-1)
     v = torch.nn.functional.normalize(torch.randn(130, 512, generator=g), dim=-1)

@@ -47,7 +47,7 @@ def test_real_dataset_rows_with_differences(tmp_path):
     assert paper_row["paper"]["t2v"]["R1"] == 46.8
     assert paper_row["diff_paper"]["t2v"]["R1"] == pytest.approx(0.7)
     assert paper_row["diff_paper"]["t2v"]["MnR"] == pytest.approx(11.5 - 12.8)
-    assert "v2t" not in paper_row["diff_paper"]  # SPEC gives no video-to-text number
+    assert "v2t" not in paper_row["diff_paper"]  # the reported numbers give no video-to-text number
     refs = {r["label"]: r for r in paper_row["diff_reference"]}
     assert refs["reference re-run, 2 GPUs"]["t2v"]["R1"] == pytest.approx(0.5)
     assert refs["reference re-run, 8 GPUs"]["t2v"]["R5"] == pytest.approx(67.5 - 74.7)
@@ -56,7 +56,7 @@ def test_real_dataset_rows_with_differences(tmp_path):
     md = paper_table.markdown(rows, dsl=True)
     policy = "paper, blocks of 32 (the run's main policy)"
     assert f"| MSR-VTT 1k-A | `msrvtt_8gpu` | {policy} | **ours** | 47.5 |" in md
-    # R@5 67.5 - 73.1, R@10 77.5 - 83.1, no MdR in SPEC, MnR 11.5 - 12.8, nothing for video-to-text
+    # R@5 67.5 - 73.1, R@10 77.5 - 83.1, no MdR reported, MnR 11.5 - 12.8, nothing for video-to-text
     assert "| ours − paper | +0.7 | -5.6 | -5.6 | - | -1.3 | - | - | - | - | - |" in md
     assert "paper, DSL | 51.6" in md
 

@@ -1,1 +1,2 @@
-"""EMCL-QA (SPEC §5): video question answering on MSRVTT-QA with EMCL as an auxiliary contrastive loss."""
+"""EMCL-QA (docs/reference.md, 'EMCL-QA'): video question answering on MSRVTT-QA with EMCL as an
+auxiliary contrastive loss."""

@@ -1,4 +1,5 @@
-"""EMCL-QA training and evaluation on MSRVTT-QA (SPEC §5), one process or many under torchrun.
+"""EMCL-QA training and evaluation on MSRVTT-QA (docs/reference.md, 'EMCL-QA'), one process or many
+under torchrun.
 
     python -m video_question_answering.main_task_qa --config configs/synthetic_qa.yaml --output_dir runs/qa
     torchrun --nproc_per_node=2 -m video_question_answering.main_task_qa --config configs/msrvtt_qa.yaml \

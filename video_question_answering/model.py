@@ -1,5 +1,5 @@
-"""EMCL-QA (SPEC §5): open-ended video QA as classification over an answer vocabulary, with EMCL as an
-auxiliary contrastive loss on the projected video and question features.
+"""EMCL-QA (docs/reference.md, 'EMCL-QA'): open-ended video QA as classification over an answer
+vocabulary, with EMCL as an auxiliary contrastive loss on the projected video and question features.
 
 Video: CLIP frame features -> frame positions + text-initialised temporal blocks + ``mean_proj`` +
 residual -> attention pooling over frames. Question: CLIP token features (projected) -> attention pooling
@@ -30,7 +30,7 @@ from emcl.train.errors import UserError
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
-# CLIP parts the reference freezes even with freeze_layer_num 0 (SPEC §5)
+# CLIP parts the reference freezes even with freeze_layer_num 0 (docs/reference.md, 'EMCL-QA')
 REFERENCE_FROZEN = (
     "token_embedding",
     "positional_embedding",

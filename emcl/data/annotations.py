@@ -1,5 +1,5 @@
-"""Annotation parsing for the five retrieval datasets (SPEC §3) and MSRVTT-QA (SPEC §5), from their real
-file layouts.
+"""Annotation parsing for the five retrieval datasets (docs/reference.md, 'Datasets and formats') and
+MSRVTT-QA (docs/reference.md, 'EMCL-QA'), from their real file layouts.
 
 Each retrieval parser returns a :class:`RetrievalSplit`: the split's video ids, its captions, and for every
 caption the index of its video; the QA parser returns a :class:`QASplit` of :class:`QARecord`. Bad input
@@ -425,7 +425,7 @@ def load_split(datatype: str, anno_path: str | os.PathLike, split: str, **option
     return _PARSERS[datatype](str(anno_path), split, **options)
 
 
-# --- MSRVTT-QA (SPEC §5) -------------------------------------------------------------------------
+# --- MSRVTT-QA (docs/reference.md, 'EMCL-QA') -------------------------------------------------------------
 QA_FILES = {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"}
 QA_VOCAB_FILE = "train_ans2label.json"
 

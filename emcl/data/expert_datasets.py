@@ -1,5 +1,5 @@
 """Datasets over MMT expert features: caption tokenisation, the per-expert token selection of the
-reference, and batching (SPEC §6, "Precise behaviour").
+reference, and batching (docs/reference.md, 'Joint training (MMT)').
 
 Per expert and video: the max-pool over all its features (the AGG token), up to ``max_tokens``
 temporal features (a random sorted subset in training, a fixed one - ``RandomState(0)`` - in evaluation,

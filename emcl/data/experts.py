@@ -1,5 +1,6 @@
-"""MMT's precomputed expert features (SPEC §6): the published per-video HDF5 layout, one consolidated
-store, and the MSR-VTT / LSMDC / ActivityNet split lists the reference reads.
+"""MMT's precomputed expert features (docs/reference.md, 'Joint training (MMT)'): the published
+per-video HDF5 layout, one consolidated store, and the MSR-VTT / LSMDC / ActivityNet split lists the
+reference reads.
 
 Published layout: one file per video at ``{root}/{id[0]}/{id[1]}/{id[2]}/{id}.h5`` holding
 ``features.{expert}`` (n x D), ``features_t.{expert}`` (n x 2 start/end seconds) and ``raw_captions.{i}``

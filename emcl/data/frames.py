@@ -1,7 +1,8 @@
 """Clips read from folders of pre-extracted JPEG frames, the layout of the CLIP2Video reference.
 
 ``scripts/extract_frames.py`` (ffmpeg at 5 fps) writes ``{root}/{video_id}/00000001.jpg, 00000002.jpg ...``.
-The reference reads such a folder as follows (SPEC §4), and so does :class:`FrameFolderSource`:
+The reference reads such a folder as follows (docs/reference.md, 'EMCL as an inference module'), and so
+does :class:`FrameFolderSource`:
 
 1. list the folder and sort the names;
 2. keep ``n // sample_fp`` evenly spaced files, ``np.linspace(0, n - 1, n // sample_fp)`` truncated to

@@ -4,14 +4,15 @@ Each clip shows 1-3 identical objects (one colour, one shape) on a plain backgro
 one direction (or staying still). Every caption names the count, colour, shape and motion (and often
 the background), with several paraphrases per clip, so that a tiny model trained from scratch at
 32-64 px can learn retrieval. The annotations are written exactly as the real MSR-VTT, MSVD, LSMDC,
-ActivityNet Captions and DiDeMo files are laid out (SPEC §3), so the same loaders read both.
+ActivityNet Captions and DiDeMo files are laid out (docs/reference.md, 'Datasets and formats'), so the
+same loaders read both.
 
-Format ``msrvtt_qa`` writes video question answering data in MSRVTT-QA's layout (SPEC §5): ``train.jsonl``,
-``val.jsonl``, ``test.jsonl`` (one ``{"answer", "question", "video_id", "answer_type"}`` object per line)
-and ``train_ans2label.json``. Every clip gets one question about each of its colour and background
-(``what``), shape (``what``), motion (``where``) and count (``how``). Some answers are paraphrases
-("ball", "violet") drawn rarely; the vocabulary keeps the most frequent training answers, as the real one
-keeps the 1,500 most frequent, so those paraphrases are out of vocabulary.
+Format ``msrvtt_qa`` writes video question answering data in MSRVTT-QA's layout (docs/reference.md,
+'EMCL-QA'): ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (one ``{"answer", "question", "video_id",
+"answer_type"}`` object per line) and ``train_ans2label.json``. Every clip gets one question about each
+of its colour and background (``what``), shape (``what``), motion (``where``) and count (``how``). Some
+answers are paraphrases ("ball", "violet") drawn rarely; the vocabulary keeps the most frequent training
+answers, as the real one keeps the 1,500 most frequent, so those paraphrases are out of vocabulary.
 
 Command line::
 

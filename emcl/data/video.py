@@ -1,6 +1,7 @@
 """Video decoding, frame sampling and preprocessing for retrieval models.
 
-One clip = ``max_frames`` RGB frames of ``size``x``size`` (uint8) plus a mask, sampled as SPEC §3 says:
+One clip = ``max_frames`` RGB frames of ``size``x``size`` (uint8) plus a mask, sampled as
+docs/reference.md, 'Datasets and formats' describes:
 
 1. decode at ``framerate`` fps: keep every ``stride``-th native frame, ``stride = round(native_fps /
    framerate)`` (round half up, at least 1), optionally only inside a ``[start, end]`` window in seconds;
@@ -116,7 +117,8 @@ def _check_rounding(rounding: str) -> None:
 def sample_indices(num_frames: int, native_fps: float, framerate: float, max_frames: int,
                    start: float | None = None, end: float | None = None,
                    rounding: str = DEFAULT_INDEX_ROUNDING) -> np.ndarray:
-    """Native frame indices to keep for one clip (both backends use this; SPEC §3).
+    """Native frame indices to keep for one clip (both backends use this; docs/reference.md, 'Datasets and
+    formats').
 
     Positions ``first, first + stride, ...`` up to ``last`` (the ``[start, end]`` window in seconds, or
     the whole video); if more than ``max_frames`` remain, ``max_frames`` evenly spaced ones

@@ -145,7 +145,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="select the epoch on the test split, as the reference did (results are labelled as such)",
     )
-    a("--faithful", action="store_true", help="the reference's behaviour where ours differs (README)")
+    a("--faithful", action="store_true",
+      help="the reference's behaviour where ours differs (docs/reference.md)")
     a("--compile", type=_compile_mode, default="auto", help="torch.compile: auto (on for CUDA), 1 or 0")
     a("--n_display", type=positive_int, default=50, help="log every n steps")
     a("--tensorboard", action="store_true", help="also log to TensorBoard in output_dir/tensorboard")

@@ -1,4 +1,4 @@
-"""EMCL-Net training and evaluation (SPEC §2), one process or many under torchrun.
+"""EMCL-Net training and evaluation (docs/reference.md, 'EMCL-Net'), one process or many under torchrun.
 
     python -m video_retrieval.emcl_net.main_task_retrieval --config configs/synthetic.yaml \
         --output_dir runs/demo
@@ -119,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="none",
         choices=("none", "blocks", "attn", "mlp"),
         help="recompute CLIP activations in the backward pass: whole blocks (the bare flag), or only their "
-        "attention or MLP parts (PERFORMANCE.md)",
+        "attention or MLP parts (docs/performance.md)",
     )
     a("--checkpoint_layers", type=positive_int, default=None, help="checkpoint only the first N blocks")
     a("--lean_activations", type=int, default=0, choices=(0, 1), help="fewer saved activations (same math)")

@@ -1,5 +1,6 @@
-"""EMCL-Net (SPEC §2): CLIP text and frame features, temporal aggregation, text-conditioned frame
-weighting, the EM subspace layer on [pair video vectors; text vectors], cosine similarity."""
+"""EMCL-Net (docs/reference.md, 'EMCL-Net'): CLIP text and frame features, temporal aggregation,
+text-conditioned frame weighting, the EM subspace layer on [pair video vectors; text vectors], cosine
+similarity."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def emcl_scores(
     With ``update`` (training), the layer's forward runs and updates ``mu``; otherwise the blocks go
     through the batched EM without touching the state, so any number of blocks run in one call.
     Everything here (pooling, EM, residual, normalisation, cosine) runs in float32 with autocast off,
-    in training and evaluation alike (SPEC §1, precision); gradients flow back to bf16 encoders as usual.
+    in training and evaluation alike (docs/reference.md, 'Precision'); gradients flow back to bf16
+    encoders as usual.
     """
     with torch.autocast(t.device.type, enabled=False):
         return _emcl_scores_fp32(t.float(), f.float(), mask, emcl, temp, update, pool)

@@ -1,1 +1,2 @@
-"""EMCL as an inference module (SPEC §4): CLIP2Video, our checkpoints or any embeddings, with/without EMCL."""
+"""EMCL as an inference module (docs/reference.md, 'EMCL as an inference module'): CLIP2Video, our
+checkpoints or any embeddings, with/without EMCL."""

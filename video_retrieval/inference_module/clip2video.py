@@ -1,4 +1,5 @@
-"""CLIP2Video (Fang et al. 2021) as the EMCL inference-module reference evaluates it (SPEC §4).
+"""CLIP2Video (Fang et al. 2021) as the EMCL inference-module reference evaluates it (docs/reference.md,
+'EMCL as an inference module').
 
 CLIP ViT towers, then on the per-frame CLS features:
 

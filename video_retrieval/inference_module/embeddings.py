@@ -32,8 +32,9 @@ class Embeddings:
     """What the scores are computed from (float32, on one device).
 
     ``pooling``: ``pooled`` (``video`` is (V, D); EMCL on [video rows; text rows] of a block, dot product
-    on Y, SPEC §4) or ``text`` (``video`` is (V, T, D) per frame with ``frame_mask``; EMCL-Net's
-    text-conditioned pooling at temperature ``temp`` and EMCL on [pair vectors; texts], cosine, SPEC §2).
+    on Y, docs/reference.md, 'EMCL as an inference module') or ``text`` (``video`` is (V, T, D) per
+    frame with ``frame_mask``; EMCL-Net's text-conditioned pooling at temperature ``temp`` and EMCL on
+    [pair vectors; texts], cosine, docs/reference.md, 'EMCL-Net').
     ``tab_text`` / ``tab_video``: a second score ``g_t . g_v`` added as
     ``center_weight * main + (1 - center_weight) * tab`` (CLIP2Video's TAB).
     """

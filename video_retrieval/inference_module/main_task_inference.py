@@ -1,4 +1,5 @@
-"""EMCL as an inference module (SPEC §4): retrieval metrics with and without EMCL, no training.
+"""EMCL as an inference module (docs/reference.md, 'EMCL as an inference module'): retrieval metrics
+with and without EMCL, no training.
 
 Embeddings come from one of three sources:
 

@@ -1,4 +1,5 @@
-"""EMCL as a joint training module: MMT on expert features, with or without EMCL (SPEC §6).
+"""EMCL as a joint training module: MMT on expert features, with or without EMCL (docs/reference.md,
+'Joint training (MMT)').
 
     python -m video_retrieval.joint_training.main_task_joint --config configs/mmt_synthetic.yaml \
         --output_dir runs/mmt_demo

@@ -1,5 +1,5 @@
 """The Multi-modal Transformer (MMT) over expert features, with EMCL between the per-modality heads and
-the similarity (SPEC §6).
+the similarity (docs/reference.md, 'Joint training (MMT)').
 
 Text: BERT's [CLS] output -> per-modality gated embedding units (512) and text-derived modality weights
 (softmax over modalities). Video: each expert projected to 512 and L2-normalised; tokens [CLS], then per
