@@ -12,6 +12,9 @@ from emcl.clip import CLIPBackbone
 
 log = logging.getLogger(__name__)
 
+# the reference's temporal blocks use its own LayerNorm, whose epsilon is 1e-12 (CLIP's towers use 1e-5)
+REFERENCE_LAYER_NORM_EPS = 1e-12
+
 
 class FrameTransformer(nn.Module):
     """Learned frame positions, CLIP-text-shaped blocks, key-padding mask, residual add.
@@ -19,11 +22,17 @@ class FrameTransformer(nn.Module):
     EMCL-Net's ``seqTransf``: ``out = blocks(x + pos) + x``. With ``out_proj`` (EMCL-QA's ``mean_proj``)
     a linear layer maps the blocks' output before the residual add: ``out = mean_proj(blocks(x + pos)) + x``.
     Padded frames (mask 0) are never attended to, so the outputs at real frames do not depend on how much
-    padding follows them.
+    padding follows them. ``layer_norm_eps`` replaces the copied blocks' LayerNorm epsilon (CLIP's 1e-5);
+    EMCL-Net passes the reference's :data:`REFERENCE_LAYER_NORM_EPS`.
     """
 
     def __init__(
-        self, clip: CLIPBackbone, layers: int = 4, init_from_text: bool = True, out_proj: bool = False
+        self,
+        clip: CLIPBackbone,
+        layers: int = 4,
+        init_from_text: bool = True,
+        out_proj: bool = False,
+        layer_norm_eps: float | None = None,
     ) -> None:
         super().__init__()
         width, ctx = clip.embed_dim, clip.context_length
@@ -50,6 +59,10 @@ class FrameTransformer(nn.Module):
             from open_clip.transformer import ResidualAttentionBlock
 
             self.blocks = nn.ModuleList(ResidualAttentionBlock(width, self.heads) for _ in range(layers))
+        if layer_norm_eps is not None:
+            for module in self.blocks.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = layer_norm_eps
         self.batch_first = getattr(self.blocks[0].attn, "batch_first", True)
         if out_proj:
             self.mean_proj = nn.Linear(width, width)

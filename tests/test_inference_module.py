@@ -3,6 +3,7 @@ against an independent float64 implementation, the embedding-file CLI, JPEG fram
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -619,9 +620,9 @@ def test_emcl_net_checkpoint_source(tmp_path):
     from emcl import dist
     from emcl.data.synthetic import make_synthetic
     from emcl.metrics import evaluate_similarity
+    from emcl.train.runs import task_defaults
     from video_retrieval.emcl_net import main_task_retrieval as retrieval
     from video_retrieval.emcl_net.model import emcl_scores
-    from video_retrieval.inference_module.embeddings import emcl_net_config
 
     data = tmp_path / "syn"
     make_synthetic(data, 14, seed=3, format="msvd", split_sizes=(4, 2, 8), frames=8, fps=4, size=32)
@@ -631,7 +632,7 @@ def test_emcl_net_checkpoint_source(tmp_path):
                   max_frames=4, use_emcl=0, clip_path=None, grad_checkpointing=False, msrvtt_train="9k",
                   msrvtt_test="1k", decode_backend="pyav", cache_in_memory=0, skip_bad_videos=False,
                   precision="fp32", workers=0, batch_size_val=16, em_init="upstream")  # fmt: skip
-    cfg = emcl_net_config(config)
+    cfg = argparse.Namespace(**{**task_defaults(retrieval), **config})
     model = retrieval.build_model(cfg).eval()
     torch.save({"model": model.state_dict(), "config": config}, tmp_path / "checkpoint_best.pt")
     out = tmp_path / "out"

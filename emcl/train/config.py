@@ -185,6 +185,7 @@ def parse_args(
     known, _ = pre.parse_known_args(argv)
     extra_keys = set(extra_keys)
     extras: dict[str, Any] = {k: None for k in extra_keys}
+    config_keys: set[str] = set()
     if known.config:
         data = load_yaml(known.config)
         actions = {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
@@ -195,9 +196,11 @@ def parse_args(
                     if k in actions and k != "config"}
         parser.set_defaults(**defaults)
         extras.update({k: v for k, v in data.items() if k in extra_keys})
+        config_keys = {str(k) for k in data}
     args = parser.parse_args(argv)
     for k, v in extras.items():
         setattr(args, k, v)
+    args._config_keys = config_keys  # what the file set, as opposed to defaults (not saved: private)
     return args
 
 

@@ -68,6 +68,9 @@ class Task:
     after_step: Callable[[nn.Module], None] | None = None
     clip_grad: Callable[[nn.Module, argparse.Namespace], torch.Tensor | None] | None = None
     compile_targets: Callable[[nn.Module], list[nn.Module]] | None = None
+    # a checkpoint of a foreign layout (e.g. the authors'): settles cfg's architecture from the file and
+    # returns an object with load_into(model), format and metrics(cfg); None for our own checkpoints
+    adopt_checkpoint: Callable[[Any, str, argparse.Namespace, set[str]], Any] | None = None
     extra_config_keys: tuple[str, ...] = ()
     arch_keys: tuple[str, ...] = ()
     score_keys: tuple[str, ...] = ()
@@ -166,7 +169,7 @@ def build_parser(task: Task, description: str | None = None) -> argparse.Argumen
     return p
 
 
-def _explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """The options given on the command line (not from ``--config`` nor defaults)."""
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:
@@ -193,7 +196,7 @@ def parse(
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(task, description)
     cfg = parse_args(parser, argv, task.extra_config_keys)
-    cfg._explicit = _explicit_flags(parser, argv)
+    cfg._explicit = explicit_flags(parser, argv)
     if "do_eval" in cfg._explicit and cfg.do_eval and "do_train" not in cfg._explicit:
         cfg.do_train = 0
     if not (cfg.do_train or cfg.do_eval):
@@ -623,23 +626,7 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
     if cfg.eval_split == "val" and not task.has_split(cfg, "val"):
         raise UserError(f"--eval_split val: {getattr(cfg, 'datatype', task.name)} has no validation split")
 
-    init_ck = None
-    if cfg.init_model:
-        init_ck = load_checkpoint(cfg.init_model)
-        saved = _saved_config(init_ck, cfg.init_model)
-        if saved is not None:
-            if cfg.do_train:  # fine-tuning: the weights must fit the model being built
-                guards.check_settings(
-                    saved,
-                    config_dict(cfg),
-                    must_match=task.arch_keys,
-                    may_change=(),
-                    source=f"--init_model {cfg.init_model}",
-                    action="Its weights fit only a model built with the same settings: use them",
-                )
-            else:
-                apply_checkpoint_settings(task, cfg, saved, cfg.init_model)
-
+    init_ck, foreign = _read_init_model(task, cfg)
     resume_ck = load_resume_checkpoint(task, cfg, info, out)  # settings checked before anything is written
     splits = _splits_used(task, cfg)
     if task.check_data is not None:
@@ -647,15 +634,8 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
     log.info("%s: device %s, %d process(es); output %s", task.name, info.device, info.world_size, out)
 
     model = task.build_model(cfg)
-    if init_ck is not None:
-        state = init_ck["model"] if "model" in init_ck else init_ck
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            why = guards.state_dict_mismatch(model.state_dict(), state) or str(e).splitlines()[0]
-            raise UserError(f"{cfg.init_model} does not fit the model these settings build: {why}") from e
-        log.info("loaded %s", cfg.init_model)
-        del init_ck
+    _load_init_model(model, cfg, init_ck, foreign)
+    del init_ck
     model.to(info.device)
     _compile(task, cfg, model, info.device)
     if info.is_main:  # once the settings have built a model (a bad clip_config leaves no config.yaml)
@@ -664,6 +644,8 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
     metrics: dict[str, Any] = {"finished": False, "task": task.name}
     if cfg.init_model:
         metrics["init_model"] = str(cfg.init_model)
+        if foreign is not None:
+            metrics.update(foreign.metrics(cfg))
     if cfg.do_train:
         metrics["train"] = train(task, cfg, model, info, out, resume_ck)
         del resume_ck
@@ -690,6 +672,53 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
             _draw_curves(out)
     dist.barrier()
     return metrics
+
+
+def configured_keys(cfg: argparse.Namespace) -> set[str]:
+    """Settings the user gave (config file or command line), as opposed to defaults."""
+    return set(getattr(cfg, "_explicit", ())) | set(getattr(cfg, "_config_keys", ()))
+
+
+def _read_init_model(task: Task, cfg: argparse.Namespace) -> tuple[dict | None, Any]:
+    """``--init_model``: (our checkpoint, None) with its settings checked (fine-tuning) or taken (eval-only);
+    (None, adopted) for a foreign layout the task reads (its architecture then settled in ``cfg``)."""
+    if not cfg.init_model:
+        return None, None
+    init_ck = load_checkpoint(cfg.init_model)
+    if task.adopt_checkpoint is not None:
+        foreign = task.adopt_checkpoint(init_ck, str(cfg.init_model), cfg, configured_keys(cfg))
+        if foreign is not None:
+            return None, foreign
+    saved = _saved_config(init_ck, cfg.init_model)
+    if saved is not None:
+        if cfg.do_train:  # fine-tuning: the weights must fit the model being built
+            guards.check_settings(
+                saved,
+                config_dict(cfg),
+                must_match=task.arch_keys,
+                may_change=(),
+                source=f"--init_model {cfg.init_model}",
+                action="Its weights fit only a model built with the same settings: use them",
+            )
+        else:
+            apply_checkpoint_settings(task, cfg, saved, cfg.init_model)
+    return init_ck, None
+
+
+def _load_init_model(model: nn.Module, cfg: argparse.Namespace, init_ck: dict | None, foreign: Any) -> None:
+    """The ``--init_model`` weights into the freshly built model; a mismatch names the keys."""
+    if foreign is not None:
+        foreign.load_into(model)
+    elif init_ck is not None:
+        state = init_ck["model"] if "model" in init_ck else init_ck
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            why = guards.state_dict_mismatch(model.state_dict(), state) or str(e).splitlines()[0]
+            raise UserError(f"{cfg.init_model} does not fit the model these settings build: {why}") from e
+    else:
+        return
+    log.info("loaded %s", cfg.init_model)
 
 
 def _compile(task: Task, cfg: argparse.Namespace, model: nn.Module, device: torch.device) -> None:

@@ -119,7 +119,9 @@ def load_run(
     Config, lowest to highest precedence: the task's defaults (:func:`task_defaults`, so that a run made
     before a setting existed still loads); the checkpoint's saved ``config``; ``run_dir/config.yaml``;
     ``config`` (a YAML file or a dict); ``overrides``. Checkpoint: ``checkpoint``, else the run folder's
-    ``checkpoint_best.pt``, else its ``checkpoint_last.pt``. Errors name the file or key at fault.
+    ``checkpoint_best.pt``, else its ``checkpoint_last.pt``. A checkpoint of a foreign layout that the task
+    reads (the authors' EMCL-Net files) brings its architecture; the config then gives the rest. Errors
+    name the file or key at fault.
     """
     if run_dir is None and checkpoint is None:
         raise UserError("give a run folder or a checkpoint")
@@ -132,6 +134,37 @@ def load_run(
     values: dict[str, Any] = {}
     if isinstance(ck, dict) and isinstance(ck.get("config"), dict):
         values.update(ck["config"])
+    given = _user_settings(run_path, config, overrides)
+    values.update(given)
+    task = import_task(values)
+    # settings added to the task since the run was made take their defaults
+    cfg = argparse.Namespace(**{**task_defaults(task), **values})
+    adopt = getattr(getattr(task, "TASK", None), "adopt_checkpoint", None)
+    foreign = adopt(ck, str(ck_path), cfg, set(given)) if adopt is not None else None
+    if foreign is None and not values:
+        where = f"{run_path / 'config.yaml'} or " if run_path is not None else ""
+        raise UserError(f"no config: {where}the checkpoint {ck_path} has no 'config' entry; pass --config")
+    try:
+        model = _need(task, "build_model")(cfg)
+    except AttributeError as e:  # a key the task needs is missing from the saved config
+        raise UserError(f"config of {ck_path} lacks a setting {task.__name__}.build_model needs: {e}") from e
+    if foreign is not None:
+        foreign.load_into(model)
+    else:
+        state = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise UserError(f"checkpoint {ck_path} does not fit the model its config describes: {e}") from e
+    dev = torch.device(device)
+    model.to(dev).eval()
+    return LoadedRun(cfg=cfg, model=model, task=task, checkpoint=ck_path, run_dir=run_path, device=dev)
+
+
+def _user_settings(run_path: Path | None, config: str | os.PathLike | dict | None,
+                   overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``run_dir/config.yaml``, then ``config`` (YAML file or dict), then ``overrides``: what the user set."""
+    values: dict[str, Any] = {}
     if run_path is not None and (run_path / "config.yaml").is_file():
         values.update(load_yaml(run_path / "config.yaml"))
     if isinstance(config, dict):
@@ -142,24 +175,7 @@ def load_run(
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from e
     values.update(overrides or {})
-    if not values:
-        where = f"{run_path / 'config.yaml'} or " if run_path is not None else ""
-        raise UserError(f"no config: {where}the checkpoint {ck_path} has no 'config' entry; pass --config")
-    task = import_task(values)
-    # settings added to the task since the run was made take their defaults
-    cfg = argparse.Namespace(**{**task_defaults(task), **values})
-    try:
-        model = _need(task, "build_model")(cfg)
-    except AttributeError as e:  # a key the task needs is missing from the saved config
-        raise UserError(f"config of {ck_path} lacks a setting {task.__name__}.build_model needs: {e}") from e
-    state = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {ck_path} does not fit the model its config describes: {e}") from e
-    dev = torch.device(device)
-    model.to(dev).eval()
-    return LoadedRun(cfg=cfg, model=model, task=task, checkpoint=ck_path, run_dir=run_path, device=dev)
+    return values
 
 
 def score_function(run: LoadedRun, policy: str) -> Any:

@@ -55,6 +55,7 @@ from emcl.train.sources import prepare_synthetic
 from emcl.train.sources import video_source as _video_source
 
 from .model import EMCLNet, emcl_scores
+from .reference_checkpoint import adopt_reference_checkpoint
 
 log = logging.getLogger("emcl.retrieval")
 
@@ -97,6 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--beta", type=nonneg_float, default=3.0)
     a("--em_init", default="upstream", choices=("upstream", "gaussian", "linspace"))
     a("--clip_path", default="ViT-B/32", help="CLIP weights (file or name); ignored when clip_config is set")
+    a(
+        "--freeze_patch_embed",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="keep CLIP's patch embedding (visual.conv1) fixed in training, as the reference does",
+    )
     a(
         "--eval_block",
         default="paper",
@@ -383,9 +391,12 @@ def train_step(
 
 def build_optimizer(model: EMCLNet, cfg: argparse.Namespace, total_steps: int, steps_per_epoch: int):
     """AdamW with backbone / new groups and warmup-cosine; ``--faithful`` freezes CLIP (the reference's
-    fp16 CLIP at lr 1e-7 does not move) and uses its Adam and schedule."""
+    fp16 CLIP at lr 1e-7 does not move) and uses its Adam and schedule. The patch embedding stays fixed
+    unless ``--freeze_patch_embed 0`` (the reference freezes ``visual.conv1``)."""
     if cfg.faithful:
         model.clip.requires_grad_(False)
+    if cfg.freeze_patch_embed:
+        model.clip.visual.conv1.requires_grad_(False)
     groups = param_groups(model, cfg.lr, cfg.coef_lr, cfg.weight_decay, faithful=cfg.faithful)
     optimizer = _build_optimizer(groups, faithful=cfg.faithful)
     return optimizer, build_scheduler(optimizer, total_steps, cfg.warmup_proportion, faithful=cfg.faithful)
@@ -441,6 +452,7 @@ SCORE_KEYS = (
 )
 EXPERIMENT_KEYS = (
     "multi_positive",
+    "freeze_patch_embed",
     "datatype",
     "msrvtt_train",
     "augment",
@@ -466,6 +478,7 @@ TASK = Task(
     build_optimizer=build_optimizer,
     after_step=after_step,
     compile_targets=compile_targets,
+    adopt_checkpoint=adopt_reference_checkpoint,
     extra_config_keys=EXTRA_KEYS,
     arch_keys=ARCH_KEYS,
     score_keys=SCORE_KEYS,

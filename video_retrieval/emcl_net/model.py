@@ -15,7 +15,7 @@ from torch import nn
 from emcl.clip import CLIPBackbone, normalize_frames
 from emcl.em import EMCL, em_reconstruct
 from emcl.loss import multi_positive_ce, symmetric_ce
-from emcl.temporal import FrameTransformer
+from emcl.temporal import REFERENCE_LAYER_NORM_EPS, FrameTransformer
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,10 @@ class EMCLNet(nn.Module):
         self.temp = temp
         self.pool: Pool = "mean" if agg_module == "meanP" else "text"
         if agg_module == "seqTransf":
-            self.agg: nn.Module | None = FrameTransformer(clip, agg_layers)
+            # the reference's temporal LayerNorms use epsilon 1e-12 (CLIP's use 1e-5)
+            self.agg: nn.Module | None = FrameTransformer(
+                clip, agg_layers, layer_norm_eps=REFERENCE_LAYER_NORM_EPS
+            )
         elif agg_module == "seqLSTM":
             self.agg = FrameLSTM(clip.embed_dim)
         elif agg_module in ("None", None, "meanP"):

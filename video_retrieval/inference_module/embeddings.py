@@ -438,46 +438,24 @@ def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
 _SPEED_KEYS = ("grad_checkpointing", "checkpoint_layers", "lean_activations", "memory_budget", "compile")
 
 
-def emcl_net_config(saved: dict[str, Any]) -> argparse.Namespace:
-    """An EMCL-Net run configuration: the trainer's current flag defaults, overlaid with a checkpoint's
-    saved settings (so checkpoints written before a flag existed still load); speed-only settings keep
-    the defaults."""
-    from emcl.train.runner import build_parser
-    from video_retrieval.emcl_net import main_task_retrieval as retrieval
-
-    parser = build_parser(retrieval.TASK)
-    defaults = {a.dest: a.default for a in parser._actions if a.dest != "help"}
-    defaults.update({k: None for k in retrieval.TASK.extra_config_keys})
-    cfg = argparse.Namespace(**{**defaults, **saved})
-    for key in _SPEED_KEYS:
-        if key in defaults:
-            setattr(cfg, key, defaults[key])
-    return cfg
-
-
 @torch.no_grad()
 def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
-    """Encode a split with an EMCL-Net checkpoint of ours (its own data settings unless overridden)."""
-    from emcl.train.checkpoint import load_checkpoint
+    """Encode a split with an EMCL-Net checkpoint: ours (its own data settings unless overridden) or the
+    authors' (architecture from the file, the rest EMCL-Net's defaults and these flags)."""
+    from emcl.train.runs import load_run, task_defaults
     from video_retrieval.emcl_net import main_task_retrieval as retrieval
 
-    try:
-        ck = load_checkpoint(cfg.emcl_net_checkpoint, map_location="cpu")
-    except (FileNotFoundError, RuntimeError) as error:
-        raise UserError(str(error)) from error
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise UserError(f"{cfg.emcl_net_checkpoint}: not an EMCL-Net checkpoint (needs 'model' and 'config')")
-    ncfg = emcl_net_config(ck["config"])
+    defaults = task_defaults(retrieval)
+    overrides = {key: defaults[key] for key in _SPEED_KEYS}
     for key in ("anno_path", "video_path", "frame_cache", "datatype", "msrvtt_test"):  # data may have moved
         if getattr(cfg, key, None) and key in cfg.explicit:
-            setattr(ncfg, key, getattr(cfg, key))
-    ncfg.batch_size_val = cfg.batch_size_val
-    ncfg.workers = cfg.workers
-    ncfg.skip_bad_videos = cfg.skip_bad_videos
-    ncfg.precision = cfg.precision
-    model = retrieval.build_model(ncfg)
-    model.load_state_dict(ck["model"])
-    model.to(info.device).eval()
+            overrides[key] = getattr(cfg, key)
+    overrides.update(batch_size_val=cfg.batch_size_val, workers=cfg.workers,
+                     skip_bad_videos=cfg.skip_bad_videos, precision=cfg.precision)
+    run = load_run(checkpoint=cfg.emcl_net_checkpoint, overrides=overrides, device=info.device)
+    if run.task is not retrieval:
+        raise UserError(f"{cfg.emcl_net_checkpoint}: a checkpoint of {run.task.__name__}, not of EMCL-Net")
+    ncfg, model = run.cfg, run.model
     log.info(
         "loaded EMCL-Net from %s (trained with use_emcl=%s)",
         cfg.emcl_net_checkpoint,

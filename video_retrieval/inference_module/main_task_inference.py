@@ -574,7 +574,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - start, 3),
     }
     if info.is_main:
-        save_yaml({k: v for k, v in vars(cfg).items() if k != "explicit"}, out / "config.yaml")
+        saved = {k: v for k, v in vars(cfg).items() if k != "explicit" and not k.startswith("_")}
+        save_yaml(saved, out / "config.yaml")
         save_bytes(
             (f"{settings_line(settings)}\n\n{format_results(without, with_, markdown=True)}\n").encode(),
             out / "results.md",
