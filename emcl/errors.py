@@ -1,12 +1,20 @@
-"""Errors a user can fix: bad input, a bad flag or a bad setting.
+"""Errors a user can fix (bad input, a bad flag or a bad setting), and how entry points report them.
 
-:class:`UserError` lives here, below every other package, so that ``emcl.data`` and ``emcl.clip`` can raise
-it without importing ``emcl.train``; :func:`emcl.train.errors.cli_main` prints it as one line and exits 2.
-Subclasses that also derive from a built-in error (``ValueError``, ``RuntimeError``) keep older
-``except ValueError`` callers working.
+:class:`UserError` lives here, below every other package, so that every layer can raise it without
+importing a higher one; :func:`cli_main` prints it as one line and exits 2. Subclasses that also derive
+from a built-in error (``ValueError``, ``RuntimeError``) keep older ``except ValueError`` callers working.
 """
 
 from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+__all__ = ["UserError", "UserValueError", "cli_main"]
+
+T = TypeVar("T")
 
 
 class UserError(Exception):
@@ -15,3 +23,24 @@ class UserError(Exception):
 
 class UserValueError(UserError, ValueError):
     """A :class:`UserError` that is also a ``ValueError`` (bad values in a user's file or config)."""
+
+
+def cli_main(main: Callable[[list[str] | None], T], argv: Sequence[str] | None = None) -> T:
+    """Run ``main(argv)``; a :class:`UserError` (or a missing file) prints ``error: ...`` and exits 2,
+    Ctrl-C prints one line and exits 130. With ``--debug`` among the arguments the exception propagates
+    with its traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(args)
+    except (UserError, FileNotFoundError) as e:
+        if "--debug" in args:
+            raise
+        logging.getLogger("emcl").debug("user error", exc_info=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if "--debug" in args:
+            raise
+        print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

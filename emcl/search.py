@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from emcl.data.workers import loader_context
+from emcl.errors import UserError, cli_main
 from emcl.fileio import save_json, save_torch
-from emcl.train.errors import UserError, cli_main
 
 log = logging.getLogger("emcl.search")
 

@@ -35,22 +35,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from emcl.clip import build_clip  # noqa: E402
-from emcl.clip.memory import CHECKPOINT_LEVELS  # noqa: E402
-from emcl.fileio import save_json, save_yaml  # noqa: E402
-from emcl.scoring import score_matrix  # noqa: E402
-from emcl.train.amp import autocast  # noqa: E402
-from emcl.train.compile import (  # noqa: E402
+from emcl.clip import build_clip
+from emcl.clip.memory import CHECKPOINT_LEVELS
+from emcl.fileio import save_json, save_yaml
+from emcl.scoring import score_matrix
+from emcl.train.amp import autocast
+from emcl.train.compile import (
     compile_modules,
     is_compiled,
     release_compile_workers,
     set_activation_memory_budget,
 )
-from emcl.train.features import prefetch_to_device  # noqa: E402
-from emcl.train.optim import build_optimizer, param_groups  # noqa: E402
-from video_retrieval.emcl_net.model import EMCLNet, emcl_scores  # noqa: E402
+from emcl.train.features import prefetch_to_device
+from emcl.train.optim import build_optimizer, param_groups
+from video_retrieval.emcl_net.model import EMCLNet, emcl_scores
 
 BACKBONES = {
     "ViT-B/32": dict(

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from emcl.data.experts import consolidate_experts  # noqa: E402
-from emcl.train.config import load_yaml  # noqa: E402
-from emcl.train.errors import cli_main  # noqa: E402
-from video_retrieval.joint_training.main_task_joint import parse_experts  # noqa: E402
+from emcl.data.experts import consolidate_experts
+from emcl.errors import cli_main
+from emcl.train.config import load_yaml
+from video_retrieval.joint_training.main_task_joint import parse_experts
 
 
 def main(argv: list[str] | None = None) -> dict:

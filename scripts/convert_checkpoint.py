@@ -20,10 +20,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from emcl.errors import UserError, cli_main
 from emcl.fileio import save_torch
 from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import parse_args
-from emcl.train.errors import UserError, cli_main
 from emcl.train.runner import build_parser, config_dict, configured_keys, explicit_flags
 from video_retrieval.emcl_net import main_task_retrieval as retrieval
 from video_retrieval.emcl_net.reference_checkpoint import adopt_reference_checkpoint

@@ -24,10 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from emcl.fileio import save_bytes, save_json
 
-from emcl.fileio import save_bytes, save_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 KEYS = ("R1", "R5", "R10", "MdR", "MnR")
 POLICIES = ("paper", "query")

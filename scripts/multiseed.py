@@ -34,12 +34,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from emcl.fileio import save_bytes, save_json
+from emcl.metrics import RANK_KEYS
 
-from emcl.fileio import save_bytes, save_json  # noqa: E402
-from emcl.metrics import RANK_KEYS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODULE = "video_retrieval.emcl_net.main_task_retrieval"
 HEADLINE = "headline"

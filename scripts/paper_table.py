@@ -23,9 +23,7 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from emcl.fileio import atomic_write, save_json  # noqa: E402
+from emcl.fileio import atomic_write, save_json
 
 KEYS = ("R1", "R5", "R10", "MdR", "MnR")
 DIRECTIONS = ("t2v", "v2t")

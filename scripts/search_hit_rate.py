@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from emcl.data.synthetic import load_attributes  # noqa: E402
-from emcl.search import Index  # noqa: E402
+from emcl.data.synthetic import load_attributes
+from emcl.search import Index
 
 
 def main(argv: list[str] | None = None) -> dict:

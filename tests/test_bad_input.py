@@ -26,8 +26,7 @@ import torch
 import yaml
 
 from emcl.data.synthetic import make_synthetic
-from emcl.errors import UserError
-from emcl.train.errors import cli_main
+from emcl.errors import UserError, cli_main
 from video_retrieval.emcl_net import main_task_retrieval as mtr
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from PIL import Image
 from emcl.data.frames import FrameFolderSource, frame_folder_indices
 from emcl.data.video import VideoError
 from emcl.em import EMCL
+from emcl.errors import UserError
 from emcl.scoring import pooled_emcl_scores, score_matrix
-from emcl.train.errors import UserError
 from tests._video_fixtures import REPO, load_script, write_video
 from video_retrieval.inference_module import main_task_inference as inference
 from video_retrieval.inference_module.clip2video import load_clip2video
@@ -265,7 +265,7 @@ def test_clip2video_missing_or_unexpected_key_is_named(tmp_path, drop, add):
 def test_clip2video_missing_checkpoint_is_named(clip2video_case, tmp_path, capsys):
     root, _, _ = clip2video_case
     with pytest.raises(SystemExit) as ex:
-        from emcl.train.errors import cli_main
+        from emcl.errors import cli_main
 
         cli_main(
             inference.main, _c2v_args(root, tmp_path / "o")[:3] + ["7"] + _c2v_args(root, tmp_path / "o")[4:]
@@ -456,7 +456,7 @@ def test_cli_multi_caption_with_mapping_hdf5(tmp_path):
                 "--video_emb",
                 f"{tmp_path / 'emb.h5'}:video",
                 "--output_dir",
-                str(out),
+                str(tmp_path / "D_bad"),
             ]
         )
     np.savetxt(tmp_path / "bad.txt", np.minimum(caption_video, 38), fmt="%d")
@@ -470,7 +470,7 @@ def test_cli_multi_caption_with_mapping_hdf5(tmp_path):
                 "--caption_video",
                 str(tmp_path / "bad.txt"),
                 "--output_dir",
-                str(out),
+                str(tmp_path / "D_bad"),
             ]
         )
 
@@ -690,3 +690,69 @@ def test_shipped_config_parses_with_reference_defaults():
     assert got == (7, 10, 0.1, 4, 42, "paper", 64)
     assert (cfg.centerK, cfg.center_weight, cfg.max_frames, cfg.feature_framerate) == (5, 0.5, 12, 2)
     assert cfg.source == "clip2video"
+
+
+# ------------------------------------------------------------------ output folder: lock, refusal, cleanup
+def _files_args(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    t, v = _pairs(40, 16, 1, 1.0)
+    np.save(tmp_path / "T.npy", t)
+    np.save(tmp_path / "V.npy", v)
+    return ["--text_emb", str(tmp_path / "T.npy"), "--video_emb", str(tmp_path / "V.npy"),
+            "--output_dir", str(out), "--device", "cpu", *extra]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    files = [p for p in sorted(folder.iterdir()) if p.is_file()]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _cli(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from emcl.errors import cli_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli_main(inference.main, argv)
+            return 0, err.getvalue()
+        except SystemExit as e:
+            return int(e.code), err.getvalue()
+
+
+def test_busy_folder_and_earlier_results_are_refused(tmp_path):
+    from emcl.train.guards import RunLock
+
+    out = tmp_path / "run"
+    with RunLock(out) as lock:  # another run (this process, alive) holds the folder
+        code, err = _cli(_files_args(tmp_path, out))
+        assert code == 2 and f"output folder {out} is in use by another run" in err
+        assert lock.path.is_file()
+    assert not any(out.glob("metrics.json"))
+    sweep = ["--sweep", "--sweep_seeds", "2", "--sweep_K", "7", "--sweep_T", "10", "--sweep_lamd", "0.1",
+             "--sweep_beta", "4"]
+    assert _cli(_files_args(tmp_path, out, *sweep))[0] == 0
+    before = _digest(out)
+    assert "sweep.csv" in before and not (out / ".run.lock").exists()
+    code, err = _cli(_files_args(tmp_path, out))  # a second run into the same folder
+    assert code == 2 and "already holds a finished run" in err.strip().splitlines()[-1]
+    assert _digest(out) == before
+    assert _cli(_files_args(tmp_path, out, "--overwrite"))[0] == 0  # replaced: no stale sweep beside it
+    assert not (out / "sweep.csv").exists() and (out / "metrics.json").is_file()
+
+
+def test_process_group_and_lock_released_on_error(tmp_path, monkeypatch):
+    from emcl import dist
+
+    calls = []
+    real = dist.cleanup
+    monkeypatch.setattr(dist, "cleanup", lambda: (calls.append(1), real()))
+    out = tmp_path / "bad"
+    args = _files_args(tmp_path, out)
+    np.save(tmp_path / "V.npy", np.zeros((39, 16), np.float32))  # one video short of the 40 texts
+    code, err = _cli(args)
+    assert code == 2 and "error:" in err
+    assert calls == [1] and not (out / ".run.lock").exists()

@@ -13,8 +13,8 @@ import torch
 
 from emcl import search
 from emcl.data.video import read_frames
+from emcl.errors import UserError
 from emcl.metrics import t2v_metrics
-from emcl.train.errors import UserError
 from emcl.train.runs import load_run, similarity
 
 try:

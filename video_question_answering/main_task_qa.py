@@ -32,10 +32,10 @@ from emcl.data.annotations import QA_FILES, QASplit, load_ans2label, load_qa_spl
 from emcl.data.datasets import Skipped, VideoDataset, collate_skip
 from emcl.data.loader import build_loader, rank_subset
 from emcl.data.video import SkipBudget, VideoError, check_videos_exist, missing_videos
+from emcl.errors import UserError, cli_main
 from emcl.metrics import format_qa_table, qa_accuracy
 from emcl.train.amp import autocast
 from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
-from emcl.train.errors import UserError, cli_main
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups
 from emcl.train.runner import Task, run

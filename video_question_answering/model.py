@@ -24,9 +24,9 @@ from torch import nn
 
 from emcl.clip import CLIPBackbone, normalize_frames
 from emcl.em import EMCL
+from emcl.errors import UserError
 from emcl.loss import symmetric_ce
 from emcl.temporal import FrameTransformer
-from emcl.train.errors import UserError
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 

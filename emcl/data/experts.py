@@ -35,7 +35,7 @@ import h5py
 import numpy as np
 
 from emcl.data.annotations import RetrievalSplit
-from emcl.train.errors import UserError
+from emcl.errors import UserError
 
 log = logging.getLogger(__name__)
 

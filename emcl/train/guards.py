@@ -4,7 +4,7 @@
 - :func:`check_output_dir`: a folder holding an earlier run is reused only with ``--resume`` or
   ``--overwrite``; a folder that cannot be written fails before any work.
 - :func:`setting_diffs` / :func:`check_settings`: a checkpoint's saved settings against the current ones.
-- :func:`check_finite` / :func:`nonfinite_tensors`: non-finite losses and weights are errors, never results.
+- :func:`nonfinite_tensors`: non-finite weights are errors, never results.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ __all__ = [
     "LOCK_NAME",
     "RESULT_FILES",
     "RunLock",
-    "check_finite",
     "check_output_dir",
     "check_settings",
     "nonfinite_paths",
@@ -342,6 +341,7 @@ def check_output_dir(
     resume: bool,
     overwrite: bool,
     result_patterns: Iterable[str] = RESULT_FILES,
+    resumable: bool = True,
 ) -> list[Path]:
     """Make sure ``output_dir`` can take this run; returns the files ``--overwrite`` removed.
 
@@ -354,7 +354,8 @@ def check_output_dir(
       would start afresh over them).
     - With ``--overwrite`` the earlier run's result files (``result_patterns``, default
       :data:`RESULT_FILES`) are removed, each logged. Call this while holding the :class:`RunLock` and
-      before opening ``train.log``.
+      before opening ``train.log``. Tools that cannot resume (``resumable=False``) offer only
+      ``--overwrite`` in the message.
     """
     folder = Path(output_dir)
     if resume and overwrite:
@@ -396,6 +397,9 @@ def check_output_dir(
             f"output folder {folder} holds {what} but no checkpoint_last.pt to resume from; pass "
             "--overwrite to replace it, or choose another --output_dir"
         )
+    if not resumable:
+        raise UserError(f"output folder {folder} already holds {what}. Pass --overwrite to replace its "
+                        "results, or choose another --output_dir")
     raise UserError(
         f"output folder {folder} already holds {what}. Pass --resume to continue it from "
         "checkpoint_last.pt (settings that define the model or the experiment must match), --overwrite to "
@@ -492,25 +496,6 @@ def check_settings(
 
 
 # ------------------------------------------------------------------------------------------ non-finite
-def check_finite(value: float | torch.Tensor, what: str, hint: str = "") -> None:
-    """Raise :class:`UserError` ``"{what} is nan ..."`` when ``value`` is NaN or infinite.
-
-    ``what`` names the quantity and where (``"training loss at epoch 2, step 17"``); ``hint`` is added
-    after it (e.g. which flags to lower).
-    """
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        ok = bool(torch.isfinite(value).all())
-        shown = f"{value.item():g}" if value.numel() == 1 else "non-finite"
-    else:
-        ok = math.isfinite(float(value))
-        shown = f"{float(value):g}"
-    if not ok:
-        raise UserError(f"{what} is {shown}; stopped without writing a checkpoint from this state"
-                        + (f". {hint}" if hint else ""))
-
-
 def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int = 10) -> list[str]:
     """Names of (at most ``limit``) floating-point parameters, buffers or state-dict entries holding a
     NaN or infinite value."""

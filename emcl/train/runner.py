@@ -33,12 +33,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from emcl import dist
+from emcl.errors import UserError
 from emcl.fileio import save_json, save_torch, save_yaml
 from emcl.train import guards
 from emcl.train.amp import autocast
 from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import fraction, nonneg_float, nonneg_int, parse_args, positive_float, positive_int
-from emcl.train.errors import UserError
 from emcl.train.logs import setup_logging
 from emcl.train.optim import build_optimizer, build_scheduler, param_groups
 
@@ -580,15 +580,19 @@ def train(
 
 
 # ------------------------------------------------------------------------------------------------- run
-def _prepare_output(cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> guards.RunLock | None:
-    """Rank 0 checks the folder and takes the run's lock; an error reaches every rank."""
+def prepare_output(out: Path, info: dist.DistInfo, *, resume: bool, overwrite: bool,
+                   result_patterns: Sequence[str] = guards.RESULT_FILES,
+                   resumable: bool = True) -> guards.RunLock | None:
+    """Rank 0 takes the output folder's lock, then checks the folder (another run's results are refused
+    unless ``--resume`` or ``--overwrite``); an error reaches every rank. Every tool that writes results
+    goes through here; the caller releases the returned lock (rank 0) when it ends, however it ends."""
 
     def take() -> guards.RunLock:
         # the lock first: --overwrite must never delete the files of a run that is still going
         lock = guards.RunLock(out)
-        lock.acquire(take_stale=cfg.resume)  # a requeued job resumes after its killed predecessor
+        lock.acquire(take_stale=resume)  # a requeued job resumes after its killed predecessor
         try:
-            lock.removed = guards.check_output_dir(out, cfg.resume, cfg.overwrite)
+            lock.removed = guards.check_output_dir(out, resume, overwrite, result_patterns, resumable)
         except BaseException:
             lock.release()
             raise
@@ -604,7 +608,7 @@ def run(task: Task, argv: Sequence[str] | None = None, description: str | None =
     out = Path(cfg.output_dir)
     lock = None
     try:
-        lock = _prepare_output(cfg, info, out)
+        lock = prepare_output(out, info, resume=cfg.resume, overwrite=cfg.overwrite)
         setup_logging(out, info.rank)
         if lock is not None and lock.removed:  # said again, now that train.log exists
             log.warning("--overwrite: removed the earlier run's %s", ", ".join(p.name for p in lock.removed))

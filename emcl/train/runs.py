@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from emcl.errors import UserError
 from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import load_yaml
-from emcl.train.errors import UserError
 
 DEFAULT_TASK_MODULE = "video_retrieval.emcl_net.main_task_retrieval"
 CHECKPOINT_NAMES = ("checkpoint_best.pt", "checkpoint_last.pt")

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from emcl.errors import UserError, cli_main
 from emcl.fileio import atomic_write, save_json
-from emcl.train.errors import UserError, cli_main
 
 log = logging.getLogger("emcl.viz")
 

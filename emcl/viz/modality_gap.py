@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from emcl.em import EMCL, em_reconstruct
+from emcl.errors import UserError, cli_main
 from emcl.fileio import save_json
-from emcl.train.errors import UserError, cli_main
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (texts, videos)
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from matplotlib import rc_context, rcParams
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -54,12 +53,6 @@ def figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] | None = No
         FigureCanvasAgg(fig)
         axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
     return fig, axes
-
-
-def style_axes(ax: Axes) -> None:
-    """The project style on an axis created outside :func:`figure` (e.g. ``fig.add_axes``)."""
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
 
 
 def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:

@@ -42,11 +42,11 @@ from emcl.data.datasets import (
 )
 from emcl.data.loader import build_loader, rank_subset
 from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
+from emcl.errors import UserError, cli_main
 from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix
 from emcl.train.amp import autocast
 from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
-from emcl.train.errors import UserError, cli_main
 from emcl.train.features import pad_rows, prefetch_to_device
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emcl.clip import CLIPBackbone, build_clip, default_heads, infer_clip_config, normalize_frames
-from emcl.train.errors import UserError
+from emcl.errors import UserError
 
 # Non-weight entries that OpenAI's archives carry; tolerated (and ignored) under ``clip.``.
 _CLIP_META = ("clip.input_resolution", "clip.context_length", "clip.vocab_size")

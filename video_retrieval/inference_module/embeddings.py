@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from emcl import dist
+from emcl.errors import UserError
 from emcl.fileio import save_bytes
-from emcl.train.errors import UserError
 
 log = logging.getLogger("emcl.inference")
 

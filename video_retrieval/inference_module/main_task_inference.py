@@ -29,6 +29,13 @@ DSL rows with R@1/5/10/50, MdR, MnR; the settings), ``results.md`` (the table), 
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # a busy --output_dir stops the run before the imports below take seconds
+    from emcl.train.guards import refuse_busy_output_dir
+
+    refuse_busy_output_dir(sys.argv[1:])
+
 import argparse
 import logging
 import time
@@ -41,12 +48,14 @@ import torch
 
 from emcl import dist
 from emcl.em import EMCL
+from emcl.errors import UserError, cli_main
 from emcl.fileio import save_bytes, save_json, save_yaml
 from emcl.metrics import RANK_KEYS, evaluate_similarity
 from emcl.scoring import pooled_emcl_scores, score_matrix
+from emcl.train import guards
 from emcl.train.config import parse_args
-from emcl.train.errors import UserError, cli_main
 from emcl.train.logs import setup_logging
+from emcl.train.runner import prepare_output
 
 from .embeddings import Embeddings, from_clip2video, from_emcl_net, from_files, prepare, save_embeddings
 
@@ -67,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", default=None, help="YAML file of option defaults; flags given here override it")
     a("--output_dir", required=False, default=None)
+    a("--overwrite", action="store_true", help="replace the results of an earlier run in output_dir")
     a("--device", default=None, choices=("cpu", "cuda"))
     a(
         "--precision",
@@ -540,12 +550,33 @@ def get_embeddings(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     return prepare(from_emcl_net(cfg, info), False, info.device)
 
 
+# what an inference run writes: --overwrite removes these, and only these, of an earlier run
+RESULT_FILES = (*guards.RESULT_FILES, "results.md", "inference.log", "sweep.csv", "sweep.png", "*_emb.npy",
+                "caption_video.npy", "frame_mask.npy")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse, load the embeddings, score without and with EMCL, write metrics.json (and the sweep)."""
+    """Parse, load the embeddings, score without and with EMCL, write metrics.json (and the sweep).
+
+    Like the trainers: the output folder's lock is held for the whole run, a folder holding another
+    run's results is refused unless ``--overwrite``, and the process group is torn down however the run
+    ends."""
     cfg = parse(argv)
     info = dist.init_distributed(cfg.device)
     out = Path(cfg.output_dir)
-    setup_logging(out, info.rank, name="inference.log")
+    lock = None
+    try:
+        lock = prepare_output(out, info, resume=False, overwrite=cfg.overwrite, result_patterns=RESULT_FILES,
+                              resumable=False)
+        setup_logging(out, info.rank, name="inference.log")
+        return _run(cfg, info, out)
+    finally:
+        if lock is not None:
+            lock.release()
+        dist.cleanup()
+
+
+def _run(cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> dict[str, Any]:
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     emb = get_embeddings(cfg, info)
@@ -564,6 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = format_results(without, with_)
     log.info("%s\n%s", settings_line(settings), table)
     result: dict[str, Any] = {
+        "finished": True,
         "settings": settings,
         "source": emb.info,
         "num_texts": emb.num_texts,
@@ -590,7 +622,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if info.is_main:
             save_json(result, out / "metrics.json")
     dist.barrier()
-    dist.cleanup()
     return result
 
 

@@ -36,11 +36,11 @@ from emcl.data.expert_datasets import (
 )
 from emcl.data.experts import EXPERT_DIMS, MMT_DATATYPES, ExpertStore, consolidate_experts, load_expert_split
 from emcl.data.loader import build_loader, rank_subset
+from emcl.errors import UserError, cli_main
 from emcl.loss import hinge_topk
 from emcl.metrics import format_table, t2v_metrics, v2t_metrics
 from emcl.scoring import EVAL_POLICIES, embedding_score_matrix
 from emcl.train.amp import autocast
-from emcl.train.errors import UserError, cli_main
 from emcl.train.runner import Task, run
 
 from .mmt import MMT, pair_scores
