@@ -114,30 +114,28 @@ def _text(path: Path) -> str | None:
     return None if b"\0" in data else data.decode("utf-8", errors="replace")
 
 
-def spec_mentions(files: list[Path]) -> list[str]:
-    problems = []
+def _lines(files: list[Path]):
+    """(path, line number, line) of every text file among ``files``."""
     for path in files:
         text = _text(path)
-        if text is None:
-            continue
-        for no, line in enumerate(text.splitlines(), 1):
-            if _private_spec_word.search(line):
-                problems.append(f"{path.relative_to(REPO)}:{no}: {line.strip()[:100]}")
-    return problems
+        if text is not None:
+            for no, line in enumerate(text.splitlines(), 1):
+                yield path, no, line
+
+
+def spec_mentions(files: list[Path]) -> list[str]:
+    return [f"{path.relative_to(REPO)}:{no}: {line.strip()[:100]}"
+            for path, no, line in _lines(files) if _private_spec_word.search(line)]
 
 
 def unknown_reference_sections(files: list[Path]) -> list[str]:
     known = set(headings(REPO / "docs" / "reference.md"))
     problems = []
-    for path in files:
-        text = _text(path)
-        if text is None:
-            continue
-        for no, line in enumerate(text.splitlines(), 1):
-            for title in _REFERENCE_SECTION.findall(line):
-                if title not in known:
-                    where = f"{path.relative_to(REPO)}:{no}"
-                    problems.append(f"{where}: no section '{title}' in docs/reference.md")
+    for path, no, line in _lines(files):
+        for title in _REFERENCE_SECTION.findall(line):
+            if title not in known:
+                where = f"{path.relative_to(REPO)}:{no}"
+                problems.append(f"{where}: no section '{title}' in docs/reference.md")
     return problems
 
 
