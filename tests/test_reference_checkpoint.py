@@ -215,3 +215,23 @@ def test_converter_writes_our_checkpoint(data, tmp_path):
         assert torch.equal(value, converted.model.state_dict()[key]), key
     with pytest.raises(UserError, match="exists: pass --overwrite"):
         convert([str(path), str(dst), *flags])
+
+
+def test_inference_module_and_search_take_a_reference_file(data, tmp_path):
+    """The inference module's EMCL-Net source and the search index read the authors' file as it is."""
+    from emcl.search import build_index
+    from emcl.search import main as search
+    from video_retrieval.inference_module import main_task_inference as inference
+
+    path = synthetic_file(tmp_path, "seqLSTM")
+    out = tmp_path / "infer"
+    res = inference.main(["--emcl_net_checkpoint", str(path), "--datatype", "msvd", "--anno_path",
+                          str(data / "annotations"), "--video_path", str(data / "videos"), "--workers", "0",
+                          "--output_dir", str(out), "--eval_block_size", "4", "--device", "cpu"])
+    assert res["source"]["source"] == "emcl_net" and res["num_videos"] == 5
+    assert (out / "metrics.json").is_file()
+    index = build_index(data / "videos", path, tmp_path / "idx", config={"agg_module": "seqLSTM"},
+                        progress=False)
+    assert len(index["video_ids"]) == 10 and not index["failed"]
+    found = search(["query", str(tmp_path / "idx"), "a red ball", "-k", "3", "--emcl"])
+    assert len(found["results"]) == 3

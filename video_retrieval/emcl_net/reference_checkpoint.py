@@ -140,9 +140,9 @@ def _conflict(key: str, given: Any, found: Any, source: str) -> UserValueError:
 
 
 def settle_architecture(ref: ReferenceCheckpoint, cfg: Any, configured: set[str]) -> None:
-    """Set ``cfg``'s architecture from the file. A value the user set (config file or flag) that the file
-    contradicts is an error naming both; CLIP's head counts and activation, which weights do not show,
-    come from the user's ``clip_config`` when it gives them."""
+    """Set ``cfg``'s architecture (and the frame size its CLIP takes) from the file. A value the user set
+    (config file or flag) that the file contradicts is an error naming both; CLIP's head counts and
+    activation, which weights do not show, come from the user's ``clip_config`` when it gives them."""
     agg, layers = ref.arch["agg_module"], ref.arch["agg_layers"]
     if agg is None:  # no aggregation weights: the reference's 'None', or CLIP4Clip's mean pooling
         agg = cfg.agg_module if cfg.agg_module in ("None", "meanP") else "None"
@@ -159,6 +159,10 @@ def settle_architecture(ref: ReferenceCheckpoint, cfg: Any, configured: set[str]
         if key in given and key != "quick_gelu" and given[key] != found:
             raise _conflict(f"clip_config.{key}", given[key], found, ref.source)
     clip_config.update({k: given[k] for k in ("vision_heads", "text_heads", "quick_gelu") if k in given})
+    size = clip_config["image_size"]  # frames are resized to what the file's CLIP takes
+    if "image_size" in configured and cfg.image_size != size:
+        raise _conflict("image_size", cfg.image_size, size, ref.source)
+    cfg.image_size = size
     if "clip_path" in configured and "clip_config" not in configured:
         log.info("%s: CLIP comes from the checkpoint; clip_path %r is not read", ref.source, cfg.clip_path)
     cfg.clip_config, cfg.agg_module = clip_config, agg
