@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from emcl.data.cache import CacheBuildError, FrameCache, build_cache, decode_key, encode_key
-from emcl.data.video import VideoError, VideoSource, read_frames
+from emcl.data.sources import VideoSource
+from emcl.data.video import VideoError, read_frames
 from emcl.data.workers import worker_context
 
 try:  # tests/ may or may not be a package

@@ -26,8 +26,9 @@ from emcl.data.datasets import (
     load_split,
 )
 from emcl.data.loader import build_loader, set_epoch
+from emcl.data.sources import VideoSource
 from emcl.data.synthetic import COLOR_WORDS, FORMATS, load_attributes, make_synthetic
-from emcl.data.video import VideoError, VideoSource
+from emcl.data.video import VideoError
 
 FRAMES, SIZE, WORDS = 8, 32, 16
 
@@ -446,8 +447,8 @@ def test_augmentation_is_keyed_by_seed_epoch_and_index(tmp_path):
     from emcl.data.augment import ClipRandAugment
     from emcl.data.datasets import TrainDataset, load_split
     from emcl.data.loader import build_loader, set_epoch
+    from emcl.data.sources import VideoSource
     from emcl.data.synthetic import make_synthetic
-    from emcl.data.video import VideoSource
 
     anno = make_synthetic(
         tmp_path / "syn", 8, seed=4, format="msrvtt", split_sizes=(6, 0, 2), frames=8, fps=4, size=32

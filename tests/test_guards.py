@@ -427,7 +427,7 @@ def test_clip_config_typo_names_the_key_and_the_allowed_ones():
 
 # ------------------------------------------------------------------------------------------ video checks
 def test_check_videos_exist_is_a_stat(tmp_path):
-    from emcl.data.video import VideoSource, check_videos_exist, missing_videos
+    from emcl.data.sources import VideoSource, check_videos_exist, missing_videos
 
     vdir = tmp_path / "videos"
     vdir.mkdir()
@@ -461,7 +461,7 @@ def test_check_videos_exist_in_a_frame_cache(tmp_path):
         from _video_fixtures import write_video
 
     from emcl.data.cache import build_cache
-    from emcl.data.video import VideoSource, check_videos_exist
+    from emcl.data.sources import VideoSource, check_videos_exist
 
     vdir = tmp_path / "videos"
     vdir.mkdir()
@@ -481,7 +481,7 @@ def test_check_videos_exist_in_a_frame_cache(tmp_path):
 
 
 def test_skip_budget():
-    from emcl.data.video import SkipBudget
+    from emcl.data.sources import SkipBudget
 
     budget = SkipBudget(40, 0.05, "msvd/train")  # 2 of 40 allowed
     budget.add(["v1"])

@@ -17,7 +17,8 @@ from torchvision.transforms import v2
 
 from emcl.data import video as V
 from emcl.data.augment import ClipRandAugment
-from emcl.data.video import VideoError, VideoSource, read_frames, resize_center_crop, sample_indices
+from emcl.data.sources import VideoSource
+from emcl.data.video import VideoError, read_frames, resize_center_crop, sample_indices
 
 try:  # tests/ may or may not be a package
     from tests._video_fixtures import frame_indices, index_colour, load_script, write_audio_only, write_video

@@ -8,8 +8,8 @@ import torch
 
 from emcl.data.datasets import TrainDataset, load_split
 from emcl.data.loader import build_loader
+from emcl.data.sources import VideoSource
 from emcl.data.synthetic import make_synthetic
-from emcl.data.video import VideoSource
 from emcl.data.workers import START_ENV, loader_context, start_method, worker_context
 from emcl.errors import UserValueError
 

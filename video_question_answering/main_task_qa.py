@@ -31,7 +31,8 @@ from emcl.clip import build_clip, load_clip, tokenize
 from emcl.data.annotations import QA_FILES, QASplit, load_ans2label, load_qa_split
 from emcl.data.datasets import Skipped, VideoDataset, collate_skip
 from emcl.data.loader import build_loader, rank_subset
-from emcl.data.video import SkipBudget, VideoError, check_videos_exist, missing_videos
+from emcl.data.sources import SkipBudget, check_videos_exist, missing_videos
+from emcl.data.video import VideoError
 from emcl.errors import UserError, cli_main
 from emcl.metrics import format_qa_table, qa_accuracy
 from emcl.train.amp import autocast

@@ -33,6 +33,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import h5py
@@ -772,6 +773,192 @@ def _finished_store_covers(
         cache.close()
 
 
+@dataclass
+class _Build:
+    """One build's inputs, checked and resolved (what the steps of :func:`build_cache` share), and the
+    failures it records."""
+
+    video_path: str  # as given: errors name it so
+    out: str  # absolute
+    settings: dict[str, Any]  # max_frames, framerate, size, index_rounding
+    backend: str
+    ids: list[str]  # every requested id, in order
+    paths: dict[str, str]  # id -> its video file
+    problems: dict[str, str]  # id -> why it has no (single) file
+    windows: dict[str, Window]
+    stamps: dict[str, tuple[int, int]]  # id -> (size, mtime_ns) of its file
+    failures: dict[str, str] = field(default_factory=dict)  # id -> reason, this run
+
+
+def _checked_settings(
+    backend: str, max_frames: int, framerate: float, size: int, ids: Any, index_rounding: str
+) -> dict[str, Any]:
+    """The store's settings from build_cache's arguments; raises for an unusable one."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
+    if int(max_frames) < 1 or int(size) < 1 or not float(framerate) > 0:
+        raise ValueError(
+            f"max_frames and size must be >= 1 and framerate > 0, got max_frames={max_frames}, "
+            f"size={size}, framerate={framerate}"
+        )
+    if isinstance(ids, str):
+        raise TypeError(
+            "ids must be a list of video ids, not a string (read_id_list parses files and "
+            "comma separated lists)"
+        )
+    if index_rounding not in INDEX_ROUNDINGS:
+        raise ValueError(f"index_rounding must be one of {INDEX_ROUNDINGS}, got {index_rounding!r}")
+    return {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size),
+            "index_rounding": index_rounding}
+
+
+def _resolve_inputs(
+    video_path: str | os.PathLike[str], ids: Iterable[str] | None, windows: dict[str, Window] | None
+) -> tuple[dict[str, Window], list[str], dict[str, str], dict[str, str]]:
+    """(windows, ids, id -> file, id -> problem) of a build; raises CacheBuildError when there is nothing
+    to cache or the windows are malformed."""
+    windows = normalize_windows(dict(windows or {}))
+    requested = None if ids is None else list(dict.fromkeys(ids))
+    all_ids, paths, problems = resolve_videos(video_path, requested)
+    if not all_ids:
+        what = "the id list is empty" if requested is not None else "no video files found"
+        raise CacheBuildError(f"no videos to cache under {os.fspath(video_path)}: {what}")
+    return windows, all_ids, paths, problems
+
+
+def _already_cached(build: _Build) -> dict[str, int] | None:
+    """The up-to-date short cut: the counts of a finished store at ``out`` (with no unfinished build next
+    to it) that already holds every id as requested, else None."""
+    if not os.path.isfile(build.out) or os.path.exists(build.out + PARTIAL_SUFFIX):
+        return None
+    counts = _finished_store_covers(build.out, build.ids, build.windows, build.settings, build.stamps)
+    if counts is not None:
+        log.info("%s: all %d videos already cached; nothing to do", build.out, len(build.ids))
+    return counts
+
+
+def _record_problems(build: _Build, writer: CacheWriter, todo: list[str], skip_bad_videos: bool) -> None:
+    """Ids of ``todo`` without a (single) file: a VideoError, or with ``skip_bad_videos`` a failure."""
+    for vid in todo:
+        if vid in build.problems:
+            if not skip_bad_videos:
+                raise VideoError(f"{build.problems[vid]} {_SKIP_HINT}", path=build.video_path, video_id=vid)
+            build.failures[vid] = build.problems[vid]
+            writer.add_failed(vid, build.problems[vid])
+
+
+def _store_results(
+    build: _Build,
+    writer: CacheWriter,
+    results: Any,
+    total: int,
+    *,
+    skip_bad_videos: bool,
+    progress: bool,
+    die_after: int | None,
+) -> int:
+    """Write each decoded video (each with its completion mark) or its failure as it arrives; returns
+    how many were decoded. An undecodable video raises VideoError unless ``skip_bad_videos``."""
+    decoded = 0
+    bar = tqdm(total=total, unit="video", disable=not progress, dynamic_ncols=True)
+    try:
+        for item in results:
+            vid = item["id"]
+            if item["error"] is not None:
+                if not skip_bad_videos:
+                    raise VideoError(
+                        f"cannot be cached: {item['reason']} {_SKIP_HINT}",
+                        path=item["path"],
+                        video_id=vid,
+                    )
+                build.failures[vid] = item["error"]
+                writer.add_failed(vid, item["error"])
+            else:
+                frames = np.asarray(item["frames"])
+                start, end = build.windows.get(vid, (None, None))
+                if die_after is not None and decoded >= die_after:
+                    _die(writer, results, vid, frames, start, end)
+                writer.add(vid, frames, start, end, source=build.stamps[vid])
+                decoded += 1
+            bar.update(1)
+            bar.set_postfix(failed=len(build.failures), refresh=False)
+    finally:
+        bar.close()
+    return decoded
+
+
+def _decode_into_store(
+    build: _Build,
+    writer: CacheWriter,
+    *,
+    workers: int,
+    skip_bad_videos: bool,
+    progress: bool,
+    die_after: int | None,
+) -> tuple[dict[str, int], int]:
+    """Open (or resume) the partial store, decode every id it lacks into it, then finish it and move it
+    onto ``out`` (:meth:`CacheWriter.finalize`). Returns the store's counts and how many were decoded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # decoding parallelism comes from the workers
+    writer.open()
+    try:
+        done = writer.done(build.windows, build.stamps)
+        todo = [v for v in build.ids if v not in done]
+        _record_problems(build, writer, todo, skip_bad_videos)
+        jobs = [(v, build.paths[v], build.windows.get(v, (None, None))) for v in todo if v in build.paths]
+        log.info(
+            "%s: %d videos, %d already cached%s, decoding %d with %d workers (%s)",
+            build.out,
+            len(build.ids),
+            len(build.ids) - len(todo),
+            f", {len(writer.dropped)} incomplete entries dropped" if writer.dropped else "",
+            len(jobs),
+            workers,
+            build.backend,
+        )
+        s = build.settings
+        dataset = _DecodeJobs(
+            jobs, s["framerate"], s["max_frames"], s["size"], build.backend, s["index_rounding"]
+        )
+        # workers are forked while the HDF5 file is closed, so no child ever holds an open writer
+        writer.close()
+        results = _results(dataset, workers)
+        writer.reopen()
+        decoded = _store_results(
+            build, writer, results, len(jobs), skip_bad_videos=skip_bad_videos, progress=progress,
+            die_after=die_after,
+        )
+        counts = writer.finalize(build.ids)
+    finally:
+        writer.close()
+        torch.set_num_threads(threads)
+    return counts, decoded
+
+
+def _log_summary(
+    out: str, counts: dict[str, int], decoded: int, took: float, failures: dict[str, str]
+) -> None:
+    """What a finished build wrote, and the first 20 videos recorded as failed."""
+    log.info(
+        "wrote %s: %d videos, %d failed, %.2f GB, %d decoded in %.1f s",
+        out,
+        counts["num_videos"],
+        counts["num_failed"],
+        os.path.getsize(out) / 1e9,
+        decoded,
+        took,
+    )
+    if failures:
+        lines = [f"  {vid}: {reason}" for vid, reason in list(failures.items())[:20]]
+        if len(failures) > 20:
+            lines.append(f"  ... and {len(failures) - 20} more (FrameCache(path).failed() lists them)")
+        log.warning(
+            "%d videos could not be decoded and are recorded as failed in the store:\n%s",
+            len(failures),
+            "\n".join(lines),
+        )
+
+
 def build_cache(
     video_path: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -807,126 +994,30 @@ def build_cache(
     folder, :class:`CacheBuildError` when there is nothing to cache or the windows are malformed, and
     ValueError when an existing store at ``out`` was built with other settings.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose one of {BACKENDS}")
-    if int(max_frames) < 1 or int(size) < 1 or not float(framerate) > 0:
-        raise ValueError(
-            f"max_frames and size must be >= 1 and framerate > 0, got max_frames={max_frames}, "
-            f"size={size}, framerate={framerate}"
-        )
-    if isinstance(ids, str):
-        raise TypeError(
-            "ids must be a list of video ids, not a string (read_id_list parses files and "
-            "comma separated lists)"
-        )
-    if index_rounding not in INDEX_ROUNDINGS:
-        raise ValueError(f"index_rounding must be one of {INDEX_ROUNDINGS}, got {index_rounding!r}")
-    settings = {"max_frames": int(max_frames), "framerate": float(framerate), "size": int(size),
-                "index_rounding": index_rounding}
+    settings = _checked_settings(backend, max_frames, framerate, size, ids, index_rounding)
     out = os.path.abspath(os.fspath(out))
     writer = CacheWriter(out, backend=backend, compression=compression, **settings)  # checks compression
-    windows = normalize_windows(dict(windows or {}))
-    requested = None if ids is None else list(dict.fromkeys(ids))
-    all_ids, paths, problems = resolve_videos(video_path, requested)
-    if not all_ids:
-        what = "the id list is empty" if requested is not None else "no video files found"
-        raise CacheBuildError(f"no videos to cache under {os.fspath(video_path)}: {what}")
+    windows, all_ids, paths, problems = _resolve_inputs(video_path, ids, windows)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     started = time.time()
+    build = _Build(
+        os.fspath(video_path), out, settings, backend, all_ids, paths, problems, windows,
+        stamps={vid: source_stamp(path) for vid, path in paths.items()},
+    )
     summary: dict[str, Any] = {
         "out": out,
         "num_requested": len(all_ids),
         "decoded": 0,
-        "failures": {},
+        "failures": build.failures,
         "up_to_date": False,
     }
-
-    stamps = {vid: source_stamp(path) for vid, path in paths.items()}
-    if os.path.isfile(out) and not os.path.exists(out + PARTIAL_SUFFIX):
-        counts = _finished_store_covers(out, all_ids, windows, settings, stamps)
-        if counts is not None:
-            log.info("%s: all %d videos already cached; nothing to do", out, len(all_ids))
-            return {**summary, **counts, "seconds": time.time() - started, "up_to_date": True}
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # decoding parallelism comes from the workers
-    failures: dict[str, str] = summary["failures"]
-    decoded = 0
-    writer.open()
-    try:
-        done = writer.done(windows, stamps)
-        todo = [v for v in all_ids if v not in done]
-        for vid in todo:
-            if vid in problems:
-                if not skip_bad_videos:
-                    raise VideoError(
-                        f"{problems[vid]} {_SKIP_HINT}", path=os.fspath(video_path), video_id=vid
-                    )
-                failures[vid] = problems[vid]
-                writer.add_failed(vid, problems[vid])
-        jobs = [(v, paths[v], windows.get(v, (None, None))) for v in todo if v in paths]
-        log.info(
-            "%s: %d videos, %d already cached%s, decoding %d with %d workers (%s)",
-            out,
-            len(all_ids),
-            len(all_ids) - len(todo),
-            f", {len(writer.dropped)} incomplete entries dropped" if writer.dropped else "",
-            len(jobs),
-            workers,
-            backend,
-        )
-        dataset = _DecodeJobs(
-            jobs, settings["framerate"], settings["max_frames"], settings["size"], backend, index_rounding
-        )
-        # workers are forked while the HDF5 file is closed, so no child ever holds an open writer
-        writer.close()
-        results = _results(dataset, workers)
-        writer.reopen()
-        bar = tqdm(total=len(jobs), unit="video", disable=not progress, dynamic_ncols=True)
-        try:
-            for item in results:
-                vid = item["id"]
-                if item["error"] is not None:
-                    if not skip_bad_videos:
-                        raise VideoError(
-                            f"cannot be cached: {item['reason']} {_SKIP_HINT}",
-                            path=item["path"],
-                            video_id=vid,
-                        )
-                    failures[vid] = item["error"]
-                    writer.add_failed(vid, item["error"])
-                else:
-                    frames = np.asarray(item["frames"])
-                    start, end = windows.get(vid, (None, None))
-                    if _die_after is not None and decoded >= _die_after:
-                        _die(writer, results, vid, frames, start, end)
-                    writer.add(vid, frames, start, end, source=stamps[vid])
-                    decoded += 1
-                bar.update(1)
-                bar.set_postfix(failed=len(failures), refresh=False)
-        finally:
-            bar.close()
-        counts = writer.finalize(all_ids)
-    finally:
-        writer.close()
-        torch.set_num_threads(threads)
-    took = time.time() - started
-    log.info(
-        "wrote %s: %d videos, %d failed, %.2f GB, %d decoded in %.1f s",
-        out,
-        counts["num_videos"],
-        counts["num_failed"],
-        os.path.getsize(out) / 1e9,
-        decoded,
-        took,
+    counts = _already_cached(build)
+    if counts is not None:
+        return {**summary, **counts, "seconds": time.time() - started, "up_to_date": True}
+    counts, decoded = _decode_into_store(
+        build, writer, workers=workers, skip_bad_videos=skip_bad_videos, progress=progress,
+        die_after=_die_after,
     )
-    if failures:
-        lines = [f"  {vid}: {reason}" for vid, reason in list(failures.items())[:20]]
-        if len(failures) > 20:
-            lines.append(f"  ... and {len(failures) - 20} more (FrameCache(path).failed() lists them)")
-        log.warning(
-            "%d videos could not be decoded and are recorded as failed in the store:\n%s",
-            len(failures),
-            "\n".join(lines),
-        )
+    took = time.time() - started
+    _log_summary(out, counts, decoded, took, build.failures)
     return {**summary, **counts, "decoded": decoded, "seconds": took}

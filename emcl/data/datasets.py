@@ -15,11 +15,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset, default_collate
 
 from emcl.data.annotations import DATATYPES, RetrievalSplit, has_split, load_split
+
+if TYPE_CHECKING:
+    from emcl.data.sources import ClipSource
 
 __all__ = ["DATATYPES", "RetrievalSplit", "Skipped", "TextDataset", "TrainDataset", "VideoDataset",
            "collate_skip", "has_split", "load_split"]
@@ -50,7 +54,7 @@ def tokenize_split(split: RetrievalSplit, max_words: int) -> tuple[torch.Tensor,
         raise UserValueError(f"{split.datatype}/{split.split}: {e}") from e
 
 
-def _load_video(split: RetrievalSplit, source, video_index: int):
+def _load_video(split: RetrievalSplit, source: ClipSource, video_index: int):
     vid = split.video_ids[video_index]
     start, end = (split.windows or {}).get(vid, (None, None))
     return source.load(vid, start, end)
@@ -67,7 +71,7 @@ class TrainDataset(Dataset):
     never to the zero padding.
     """
 
-    def __init__(self, split: RetrievalSplit, source, max_words: int,
+    def __init__(self, split: RetrievalSplit, source: ClipSource, max_words: int,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  skip_bad_videos: bool = False, seed: int = 0) -> None:
         self.split = split
@@ -137,7 +141,7 @@ class VideoDataset(Dataset):
     evaluator must drop it (and its captions) and report how many were dropped.
     """
 
-    def __init__(self, split: RetrievalSplit, source, skip_bad_videos: bool = False) -> None:
+    def __init__(self, split: RetrievalSplit, source: ClipSource, skip_bad_videos: bool = False) -> None:
         self.split = split
         self.source = source
         self.skip_bad_videos = skip_bad_videos

@@ -12,10 +12,11 @@ does :class:`FrameFolderSource`:
 4. resize the short side to ``size`` (bicubic, antialiased: the numbers of the reference's PIL resize)
    and center crop, then pad with zero frames and mask 0.
 
-Frames are returned as uint8, like :class:`emcl.data.video.VideoSource`, whose ``load`` interface this
-source shares, so the evaluation datasets take either. A missing or empty folder, too few frames or an
-unreadable JPEG raises :class:`~emcl.data.video.VideoError` naming the folder, the video id and the reason
-(the reference prints a warning and evaluates zeros instead).
+Frames are returned as uint8, like :class:`emcl.data.sources.VideoSource`: both offer the
+:class:`~emcl.data.sources.ClipSource` interface (``load``), so the evaluation datasets take either. A
+missing or empty folder, too few frames or an unreadable JPEG raises :class:`~emcl.data.video.VideoError`
+naming the folder, the video id and the reason (the reference prints a warning and evaluates zeros
+instead).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ __all__ = ["START_ENV", "loader_context", "start_method", "worker_context"]
 
 START_ENV = "EMCL_WORKER_START"
 # imported once by the fork server, so the workers it forks start with them in memory
-_PRELOAD = ["__main__", "torch", "numpy", "emcl.data.datasets", "emcl.data.cache", "emcl.data.frames"]
+_PRELOAD = ["__main__", "torch", "numpy", "emcl.data.datasets", "emcl.data.cache", "emcl.data.frames",
+            "emcl.data.sources"]
 
 
 def start_method() -> str:

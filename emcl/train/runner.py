@@ -340,9 +340,9 @@ class _TensorBoard:
 
 def check_skip_fraction(skipped_ids: set[str] | list[str], total: int, what: str, cfg) -> None:
     """Stop once more than ``--max_skip_fraction`` of a split's videos proved unreadable (the rule and the
-    message are :class:`emcl.data.video.SkipBudget`'s)."""
+    message are :class:`emcl.data.sources.SkipBudget`'s)."""
     if total:
-        from emcl.data.video import SkipBudget
+        from emcl.data.sources import SkipBudget
 
         SkipBudget(total, cfg.max_skip_fraction, what).add(sorted(skipped_ids))
 

@@ -9,7 +9,7 @@ import inspect
 from pathlib import Path
 
 from emcl import dist
-from emcl.data.video import VideoSource
+from emcl.data.sources import VideoSource
 from emcl.errors import UserError
 from emcl.train.config import check_keys
 

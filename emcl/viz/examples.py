@@ -71,7 +71,7 @@ class KeyFrames:
     """Key-frame strips of a run's videos: from the file at ``size`` px, else from the run's frame source."""
 
     def __init__(self, run: Any, split: Any, size: int) -> None:
-        from emcl.data.video import VideoSource
+        from emcl.data.sources import VideoSource
 
         cfg = run.cfg
         self.split, self.size = split, size

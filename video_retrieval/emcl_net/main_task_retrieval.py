@@ -41,7 +41,7 @@ from emcl.data.datasets import (
     load_split,
 )
 from emcl.data.loader import build_loader, rank_subset
-from emcl.data.video import SkipBudget, VideoSource, check_videos_exist, missing_videos
+from emcl.data.sources import SkipBudget, VideoSource, check_videos_exist, missing_videos
 from emcl.errors import UserError, cli_main
 from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.scoring import score_matrix

@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from emcl import dist
 from emcl.errors import UserError
 from emcl.fileio import save_bytes
+
+if TYPE_CHECKING:
+    from emcl.data.sources import ClipSource
 
 log = logging.getLogger("emcl.inference")
 
@@ -316,7 +319,7 @@ def _drop_invalid(emb: Embeddings, ok: torch.Tensor, video_ids: list[str]) -> Em
     return emb
 
 
-def frame_source(cfg: argparse.Namespace, size: int):
+def frame_source(cfg: argparse.Namespace, size: int) -> ClipSource:
     """JPEG frame folders (``--frame_path``) or videos decoded on the fly (``--video_path``)."""
     if cfg.frame_path:
         from emcl.data.frames import FrameFolderSource
@@ -331,7 +334,7 @@ def frame_source(cfg: argparse.Namespace, size: int):
             extract_fps=cfg.extract_fps,
         )
     if cfg.video_path:
-        from emcl.data.video import VideoSource
+        from emcl.data.sources import VideoSource
 
         if not os.path.isdir(cfg.video_path):
             raise UserError(f"--video_path {cfg.video_path} is not a folder")

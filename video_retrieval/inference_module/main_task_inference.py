@@ -70,9 +70,8 @@ SWEEP_DEFAULTS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """All flags; the reference's names where it has them (--K, --stage_num, --lamd, --beta, --centerK)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _general_flags(p: argparse.ArgumentParser) -> None:
+    """Where results go, the device and numbers, and the seed of the mu draw."""
     a = p.add_argument
     a("--config", default=None, help="YAML file of option defaults; flags given here override it")
     a("--output_dir", required=False, default=None)
@@ -86,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--seed", type=int, default=42, help="seed of the mu draw (the reference: the run's seed, 42)")
     a("--debug", action="store_true", help="tracebacks for user errors")
+
+
+def _embedding_file_flags(p: argparse.ArgumentParser) -> None:
+    """Embeddings of any model, read from files."""
     g = p.add_argument_group("embeddings from files")
     g.add_argument("--text_emb", default=None, help="(A, D) text embeddings: .npy, .npz[:key], .h5[:dataset]")
     g.add_argument(
@@ -125,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="frame-pooling temperature of --frame_pooling text for files (checkpoints use their own)",
     )
+
+
+def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    """A CLIP2Video or EMCL-Net checkpoint run on a dataset's frames or videos."""
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint", default=None, help="folder of a CLIP2Video pytorch_model.bin.N")
     g.add_argument("--model_num", default=None, help="N of pytorch_model.bin.N")
@@ -171,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--save_embeddings", type=int, default=0, help="write the embeddings as .npy to output_dir"
     )
+
+
+def _emcl_flags(p: argparse.ArgumentParser) -> None:
+    """The EM settings and how scoring is blocked."""
     g = p.add_argument_group("EMCL")
     g.add_argument("--K", type=int, default=7, help="bases")
     g.add_argument("--stage_num", type=int, default=10, help="EM iterations T")
@@ -189,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="paper: EM per block of texts x videos, as the reference; query: EM per text over all videos",
     )
     g.add_argument("--eval_block_size", type=int, default=64)
+
+
+def _metric_and_sweep_flags(p: argparse.ArgumentParser) -> None:
+    """Retrieval metrics and the sweep over EM settings."""
     g = p.add_argument_group("metrics and sweep")
     g.add_argument(
         "--v2t_candidates",
@@ -207,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=32,
         help="mu seeds 0..N-1 and the run's --seed (upstream, gaussian)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All flags; the reference's names where it has them (--K, --stage_num, --lamd, --beta, --centerK)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_flags in (_general_flags, _embedding_file_flags, _checkpoint_flags, _emcl_flags,
+                      _metric_and_sweep_flags):
+        add_flags(p)
     return p
 
 
