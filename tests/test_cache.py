@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -330,3 +331,14 @@ def test_replaced_source_video_is_decoded_again(tmp_path: Path) -> None:
     stale = read_frames(tmp_path / "b_old.mp4", video_id="b", **SETTINGS)
     got = FrameCache(out).get("b")
     assert torch.equal(got[0], fresh[0]) and not torch.equal(got[0], stale[0])
+
+
+def test_unusable_partial_store_gives_the_threads_back(video_dir: Path, tmp_path: Path) -> None:
+    """A .partial built with other settings is an error, and torch's thread count is restored."""
+    first = tmp_path / "a.h5"
+    build_cache(video_dir, first, ids=["v0"], progress=False, **SETTINGS)
+    shutil.copy(first, str(tmp_path / "b.h5") + ".partial")
+    threads = torch.get_num_threads()
+    with pytest.raises(ValueError, match="max_frames"):
+        build_cache(video_dir, tmp_path / "b.h5", ids=["v0"], progress=False, **{**SETTINGS, "max_frames": 8})
+    assert torch.get_num_threads() == threads

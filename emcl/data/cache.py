@@ -900,8 +900,8 @@ def _decode_into_store(
     onto ``out`` (:meth:`CacheWriter.finalize`). Returns the store's counts and how many were decoded."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # decoding parallelism comes from the workers
-    writer.open()
     try:
+        writer.open()  # inside: a store that cannot be opened still gives the threads back
         done = writer.done(build.windows, build.stamps)
         todo = [v for v in build.ids if v not in done]
         _record_problems(build, writer, todo, skip_bad_videos)
@@ -920,7 +920,7 @@ def _decode_into_store(
         dataset = _DecodeJobs(
             jobs, s["framerate"], s["max_frames"], s["size"], build.backend, s["index_rounding"]
         )
-        # workers are forked while the HDF5 file is closed, so no child ever holds an open writer
+        # workers start while the HDF5 file is closed, so no child ever holds an open writer
         writer.close()
         results = _results(dataset, workers)
         writer.reopen()
