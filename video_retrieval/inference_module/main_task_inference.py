@@ -138,7 +138,11 @@ def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--init_model", default=None, help="a CLIP2Video state dict file (instead of --checkpoint)"
     )
-    g.add_argument("--emcl_net_checkpoint", default=None, help="an EMCL-Net checkpoint_*.pt of ours")
+    g.add_argument(
+        "--emcl_net_checkpoint",
+        default=None,
+        help="an EMCL-Net checkpoint: ours (checkpoint_*.pt) or the authors' (pytorch_model.bin.N)",
+    )
     g.add_argument(
         "--datatype", default="msrvtt", choices=("msrvtt", "msvd", "lsmdc", "activitynet", "didemo")
     )
