@@ -35,18 +35,17 @@ from tqdm import tqdm
 from emcl import dist
 from emcl.errors import UserError
 from emcl.fileio import save_json, save_torch, save_yaml
-from emcl.train import guards
 from emcl.train.amp import autocast
 from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import fraction, nonneg_float, nonneg_int, parse_args, positive_float, positive_int
+from emcl.train.finite import check_finite_steps, check_finite_weights
+from emcl.train.lock import RunLock
 from emcl.train.logs import setup_logging
 from emcl.train.optim import build_optimizer, build_scheduler, param_groups
+from emcl.train.outdir import RESULT_FILES, check_output_dir
+from emcl.train.settings import check_settings, setting_diffs, state_dict_mismatch
 
 log = logging.getLogger("emcl.run")
-
-
-class NonFiniteError(UserError):
-    """The loss or the gradient norm became NaN or infinite: the run stops before saving that state."""
 
 
 @dataclass
@@ -251,7 +250,7 @@ def apply_checkpoint_settings(task: Task, cfg: argparse.Namespace, saved: dict[s
         if key not in saved:
             continue
         old, new = saved[key], getattr(cfg, key, None)
-        if guards.setting_diffs({key: old}, {key: new}, [key]) == []:
+        if setting_diffs({key: old}, {key: new}, [key]) == []:
             continue
         if key in explicit:
             if key in task.arch_keys:
@@ -348,16 +347,6 @@ def check_skip_fraction(skipped_ids: set[str] | list[str], total: int, what: str
 
 
 # ------------------------------------------------------------------------------------------- training
-def _check_finite(first_bad: torch.Tensor, epoch: int, cfg: argparse.Namespace) -> None:
-    """Stop if a step of this epoch had a non-finite loss or gradient norm (one host sync)."""
-    bad = int(first_bad)
-    if bad >= 0:
-        raise NonFiniteError(
-            f"non-finite loss or gradient at epoch {epoch + 1}, step {bad} (--lr {cfg.lr:g}); the run "
-            "stopped before saving that state. Lower --lr, check --temp and the inputs"
-        )
-
-
 def load_resume_checkpoint(
     task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path
 ) -> dict | None:
@@ -369,7 +358,7 @@ def load_resume_checkpoint(
     ck = load_checkpoint(last, map_location=info.device)
     saved = _saved_config(ck, last)
     if saved is not None:
-        guards.check_settings(
+        check_settings(
             saved,
             config_dict(cfg),
             must_match=(*task.arch_keys, *COMMON_EXPERIMENT_KEYS, *task.experiment_keys),
@@ -466,7 +455,7 @@ def train(
                 finite = finite & torch.isfinite(norm)
             first_bad = torch.where((first_bad < 0) & ~finite, step + 1, first_bad)
             if check_every_step:
-                _check_finite(first_bad, epoch, cfg)
+                check_finite_steps(first_bad, epoch, cfg)
             optimizer.step()
             scheduler.step()
             if task.after_step is not None:
@@ -476,7 +465,7 @@ def train(
             seen += int(batch.get("batch_size", 0)) * info.world_size
             loss_sum += loss.detach().float()
             if step % cfg.n_display == 0 or step == total_steps:
-                _check_finite(first_bad, epoch, cfg)
+                check_finite_steps(first_bad, epoch, cfg)
                 rate = seen / (time.perf_counter() - t0)
                 eta = (total_steps - step) * cfg.batch_size / max(rate, 1e-9)
                 mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -500,13 +489,8 @@ def train(
                 tb.scalar("train/lr", lr_now, step)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-        _check_finite(first_bad, epoch, cfg)
-        bad_weights = guards.nonfinite_tensors(unwrap(model))  # e.g. an update that overflowed
-        if bad_weights:
-            raise NonFiniteError(
-                f"non-finite weights after epoch {epoch + 1}, step {step} ({', '.join(bad_weights)}); the "
-                f"run stopped before saving that state. Lower --lr (now {cfg.lr:g})"
-            )
+        check_finite_steps(first_bad, epoch, cfg)
+        check_finite_weights(unwrap(model), epoch, step, cfg)  # e.g. an update that overflowed
         if info.world_size > 1:  # every rank skipped its own samples
             skipped = sum(dist.all_gather_object_list(skipped))
             skipped_ids = set().union(*dist.all_gather_object_list(sorted(skipped_ids)))
@@ -581,18 +565,18 @@ def train(
 
 # ------------------------------------------------------------------------------------------------- run
 def prepare_output(out: Path, info: dist.DistInfo, *, resume: bool, overwrite: bool,
-                   result_patterns: Sequence[str] = guards.RESULT_FILES,
-                   resumable: bool = True) -> guards.RunLock | None:
+                   result_patterns: Sequence[str] = RESULT_FILES,
+                   resumable: bool = True) -> RunLock | None:
     """Rank 0 takes the output folder's lock, then checks the folder (another run's results are refused
     unless ``--resume`` or ``--overwrite``); an error reaches every rank. Every tool that writes results
     goes through here; the caller releases the returned lock (rank 0) when it ends, however it ends."""
 
-    def take() -> guards.RunLock:
+    def take() -> RunLock:
         # the lock first: --overwrite must never delete the files of a run that is still going
-        lock = guards.RunLock(out)
+        lock = RunLock(out)
         lock.acquire(take_stale=resume)  # a requeued job resumes after its killed predecessor
         try:
-            lock.removed = guards.check_output_dir(out, resume, overwrite, result_patterns, resumable)
+            lock.removed = check_output_dir(out, resume, overwrite, result_patterns, resumable)
         except BaseException:
             lock.release()
             raise
@@ -696,7 +680,7 @@ def _read_init_model(task: Task, cfg: argparse.Namespace) -> tuple[dict | None, 
     saved = _saved_config(init_ck, cfg.init_model)
     if saved is not None:
         if cfg.do_train:  # fine-tuning: the weights must fit the model being built
-            guards.check_settings(
+            check_settings(
                 saved,
                 config_dict(cfg),
                 must_match=task.arch_keys,
@@ -718,7 +702,7 @@ def _load_init_model(model: nn.Module, cfg: argparse.Namespace, init_ck: dict | 
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            why = guards.state_dict_mismatch(model.state_dict(), state) or str(e).splitlines()[0]
+            why = state_dict_mismatch(model.state_dict(), state) or str(e).splitlines()[0]
             raise UserError(f"{cfg.init_model} does not fit the model these settings build: {why}") from e
     else:
         return
