@@ -1,4 +1,4 @@
-"""Tests for emcl.clip: tokenisation, frame normalisation, the backbone and weight loading.
+"""Tests for emcl.clip: tokenisation, frame normalisation, the backbone, weight loading and clip_config.
 
 The pretrained-weight formats are fabricated from a tiny open_clip CLIP, which also serves as the reference
 that our text path (short captions, no padding to 77) and frame path must reproduce.
@@ -30,6 +30,7 @@ from emcl.clip import (
     normalize_frames,
     tokenize,
 )
+from emcl.errors import UserError
 
 EMBED_DIM = 32
 IMAGE, PATCH = 32, 8
@@ -348,3 +349,32 @@ def test_resnet_and_foreign_checkpoints_rejected(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read CLIP checkpoint .*garbage.pt"):
         load_clip(tmp_path / "garbage.pt")
+
+
+# -------------------------------------------------------------------------------------------- clip_config
+TINY_CLIP = {"embed_dim": 16, "image_size": 16, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
+             "vision_heads": 2, "text_width": 32, "text_layers": 1, "text_heads": 2}
+
+
+def test_clip_config_typo_names_the_key_and_the_allowed_ones():
+    from emcl.clip import build_clip_from_config, check_clip_config
+
+    assert check_clip_config(TINY_CLIP) == TINY_CLIP
+    bad = {**TINY_CLIP, "vision_widht": 32}
+    with pytest.raises(UserError) as e:
+        check_clip_config(bad, "configs/x.yaml: clip_config")
+    msg = str(e.value)
+    assert msg.startswith("configs/x.yaml: clip_config: unknown key(s) 'vision_widht'")
+    assert "did you mean 'vision_width'?" in msg and "allowed keys: embed_dim, image_size" in msg
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(UserError, match="missing required key\\(s\\) text_layers"):
+        check_clip_config({k: v for k, v in TINY_CLIP.items() if k != "text_layers"})
+    with pytest.raises(UserError, match="vision_layers: expected a positive integer, got 1.5"):
+        check_clip_config({**TINY_CLIP, "vision_layers": 1.5})
+    with pytest.raises(UserError, match="quick_gelu: expected true or false"):
+        check_clip_config({**TINY_CLIP, "quick_gelu": "yes"})
+    with pytest.raises(UserError, match="clip_config: expected a mapping"):
+        check_clip_config([1, 2])
+    with pytest.raises(UserError, match="clip_config: vision width 32 is not divisible by vision heads 3"):
+        build_clip_from_config({**TINY_CLIP, "vision_heads": 3})
+    assert build_clip_from_config(TINY_CLIP).config["vision_width"] == 32

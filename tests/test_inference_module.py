@@ -724,7 +724,7 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 
 
 def test_busy_folder_and_earlier_results_are_refused(tmp_path):
-    from emcl.train.guards import RunLock
+    from emcl.train.lock import RunLock
 
     out = tmp_path / "run"
     with RunLock(out) as lock:  # another run (this process, alive) holds the folder

@@ -1,15 +1,16 @@
-"""Optimiser groups, the reference's Adam, schedules, atomic writes and config parsing."""
+"""Optimiser groups, the reference's Adam, schedules, atomic writes, strict JSON and config parsing."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from emcl.fileio import save_json, save_torch
+from emcl.fileio import nonfinite_paths, save_json, save_torch
 from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import parse_args
 from emcl.train.optim import ReferenceAdam, param_groups, warmup_cosine
@@ -83,6 +84,16 @@ def test_atomic_writes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "m.json"]  # no temp files left
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
         load_checkpoint(tmp_path / "nothere.pt")
+
+
+def test_save_json_is_strict_and_names_the_key(tmp_path):
+    obj = {"train": {"history": [{"loss": 1.0}, {"loss": float("nan")}]}, "x": [float("-inf")]}
+    assert nonfinite_paths(obj) == ["train.history[1].loss=nan", "x[0]=-inf"]
+    with pytest.raises(ValueError, match=r"metrics.json.*train.history\[1\].loss=nan, x\[0\]=-inf"):
+        save_json(obj, tmp_path / "metrics.json")
+    assert not (tmp_path / "metrics.json").exists() and list(tmp_path.iterdir()) == []
+    save_json({"a": 1.0, "b": [1, "x"]}, tmp_path / "ok.json")
+    assert json.loads((tmp_path / "ok.json").read_text()) == {"a": 1.0, "b": [1, "x"]}
 
 
 def test_config_file_and_flags(tmp_path):

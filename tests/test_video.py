@@ -1,4 +1,5 @@
-"""Video decoding, sampling, preprocessing, VideoSource, ClipRandAugment and scripts/compress_videos.py."""
+"""Video decoding, sampling, preprocessing, VideoSource, ClipRandAugment, scripts/compress_videos.py and the
+checks of a split's videos before a run (check_videos_exist, SkipBudget, VideoError)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from emcl.data import video as V
 from emcl.data.augment import ClipRandAugment
 from emcl.data.sources import VideoSource
 from emcl.data.video import VideoError, read_frames, resize_center_crop, sample_indices
+from emcl.errors import UserError
 
 try:  # tests/ may or may not be a package
     from tests._video_fixtures import frame_indices, index_colour, load_script, write_audio_only, write_video
@@ -494,3 +496,89 @@ def test_compress_videos(vids: dict[str, Path], tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert "broken.mp4" in err and "1 videos failed" in err
     assert not (dst / "broken.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------ video checks
+def test_check_videos_exist_is_a_stat(tmp_path):
+    from emcl.data.sources import VideoSource, check_videos_exist, missing_videos
+
+    vdir = tmp_path / "videos"
+    vdir.mkdir()
+    for i in range(8):
+        (vdir / f"v{i}.mp4").write_bytes(b"not decoded, only stat'ed")
+    check_videos_exist(vdir, [f"v{i}" for i in range(8)], "msrvtt/test")
+    (vdir / "v3.mp4").unlink()
+    (vdir / "v5.mp4").write_bytes(b"")
+    (vdir / "v6.mp4").unlink()
+    (vdir / "v6.mp4").mkdir()
+    ids = [f"v{i}" for i in range(8)]
+    assert missing_videos(vdir, ids) == {"v3": "missing", "v5": "empty (0 bytes)", "v6": "not a regular file"}
+    with pytest.raises(UserError) as e:
+        check_videos_exist(vdir, ids, "msrvtt/test", show=2)
+    assert str(e.value) == (f"msrvtt/test: 3 of 8 videos cannot be used (looked in folder {vdir}): "
+                            "v3 (missing); v5 (empty (0 bytes)); and 1 more")
+    with pytest.raises(UserError, match=f"video folder {tmp_path / 'nope'} does not exist \\(8 videos"):
+        check_videos_exist(tmp_path / "nope", ids, "msrvtt/test")
+    # MSVD: any extension, found by stem
+    (vdir / "clip.avi").write_bytes(b"x")
+    src = VideoSource(str(vdir), framerate=1, max_frames=2, size=8, any_extension=True)
+    check_videos_exist(src, ["clip", "v0"], "msvd/train")
+    with pytest.raises(UserError, match="1 of 2 videos.*ghost \\(file not found"):
+        check_videos_exist(src, ["clip", "ghost"], "msvd/train")
+
+
+def test_check_videos_exist_in_a_frame_cache(tmp_path):
+    try:  # tests/ may or may not be a package
+        from tests._video_fixtures import write_video
+    except ImportError:
+        from _video_fixtures import write_video
+
+    from emcl.data.cache import build_cache
+    from emcl.data.sources import VideoSource, check_videos_exist
+
+    vdir = tmp_path / "videos"
+    vdir.mkdir()
+    write_video(vdir / "a.mp4", 4, width=16, height=16)
+    (vdir / "b.mp4").write_bytes(b"garbage")
+    store = tmp_path / "f.h5"
+    build_cache(vdir, store, max_frames=2, framerate=2.0, size=8, progress=False, workers=0,
+                skip_bad_videos=True)
+    (vdir / "a.mp4").unlink()  # with a cache the folder is not looked at
+    src = VideoSource(str(vdir), framerate=2.0, max_frames=2, size=8, frame_cache=str(store))
+    check_videos_exist(src, ["a"], "msvd/test")
+    with pytest.raises(UserError) as e:
+        check_videos_exist(src, ["a", "b", "c"], "msvd/test")
+    msg = str(e.value)
+    assert f"2 of 3 videos cannot be used (looked in frame cache {store})" in msg
+    assert "b (recorded as undecodable" in msg and "c (not in the frame cache)" in msg
+
+
+def test_skip_budget():
+    from emcl.data.sources import SkipBudget
+
+    budget = SkipBudget(40, 0.05, "msvd/train")  # 2 of 40 allowed
+    budget.add(["v1"])
+    budget.add(["v1", "v2"])  # a video counts once
+    assert budget.count == 2 and budget.limit == 2
+    with pytest.raises(UserError) as e:
+        budget.add(["v3"])
+    assert str(e.value).startswith("msvd/train: 3 of 40 videos (7.5%) are unreadable, more than "
+                                   "--max_skip_fraction 0.05 allows (2): v1, v2, v3.")
+    with pytest.raises(UserError, match="1 of 10 videos"):
+        SkipBudget(10, 0.0).add(["x"])
+    SkipBudget(10, 1.0).add([str(i) for i in range(10)])
+    with pytest.raises(ValueError):
+        SkipBudget(10, 1.5)
+
+
+def test_video_error_is_a_one_line_user_error_also_from_a_worker():
+    from emcl.data.video import VideoError
+
+    e = VideoError("unreadable", path="/d/v.mp4", video_id="v")
+    assert isinstance(e, UserError) and isinstance(e, RuntimeError)
+    worker = ("Caught VideoError in DataLoader worker process 0.\n"
+              "Original Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+              "emcl.data.video.VideoError: video 'v' (/d/v.mp4): unreadable\n")
+    w = VideoError(worker)
+    assert str(w) == "video 'v' (/d/v.mp4): unreadable (in a DataLoader worker)"
+    assert w.worker_traceback == worker

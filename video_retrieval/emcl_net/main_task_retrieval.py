@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # a busy --output_dir stops the run before the imports below take seconds
-    from emcl.train.guards import refuse_busy_output_dir
+    from emcl.train.lock import refuse_busy_output_dir
 
     refuse_busy_output_dir(sys.argv[1:])
 

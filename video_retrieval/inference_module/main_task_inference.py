@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # a busy --output_dir stops the run before the imports below take seconds
-    from emcl.train.guards import refuse_busy_output_dir
+    from emcl.train.lock import refuse_busy_output_dir
 
     refuse_busy_output_dir(sys.argv[1:])
 
@@ -52,7 +52,7 @@ from emcl.errors import UserError, cli_main
 from emcl.fileio import save_bytes, save_json, save_yaml
 from emcl.metrics import RANK_KEYS, evaluate_similarity
 from emcl.scoring import pooled_emcl_scores, score_matrix
-from emcl.train import guards
+from emcl.train import outdir
 from emcl.train.config import parse_args
 from emcl.train.logs import setup_logging
 from emcl.train.runner import prepare_output
@@ -578,7 +578,7 @@ def get_embeddings(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
 
 
 # what an inference run writes: --overwrite removes these, and only these, of an earlier run
-RESULT_FILES = (*guards.RESULT_FILES, "results.md", "inference.log", "sweep.csv", "sweep.png", "*_emb.npy",
+RESULT_FILES = (*outdir.RESULT_FILES, "results.md", "inference.log", "sweep.csv", "sweep.png", "*_emb.npy",
                 "caption_video.npy", "frame_mask.npy")
 
 

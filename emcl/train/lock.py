@@ -1,66 +1,37 @@
-"""Guards that keep a run from reporting a wrong result.
+"""One run per output folder: :class:`RunLock` (``.run.lock``, created atomically, held for the whole run,
+released on exit, exceptions and SIGTERM / SIGHUP) and :func:`refuse_busy_output_dir`, the entry points'
+check before their heavy imports.
 
-- :class:`RunLock`: one run per output folder (``.run.lock``, created atomically, held for the whole run).
-- :func:`check_output_dir`: a folder holding an earlier run is reused only with ``--resume`` or
-  ``--overwrite``; a folder that cannot be written fails before any work.
-- :func:`setting_diffs` / :func:`check_settings`: a checkpoint's saved settings against the current ones.
-- :func:`nonfinite_tensors`: non-finite weights are errors, never results.
+This module imports neither torch nor anything that does: the entry points call
+:func:`refuse_busy_output_dir` before torch is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import glob
 import json
 import logging
-import math
 import os
 import shlex
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from emcl.errors import UserError
-from emcl.fileio import nonfinite_paths
 
-if TYPE_CHECKING:
-    import torch
+__all__ = ["LOCK_NAME", "RunLock", "refuse_busy_output_dir"]
 
-__all__ = [
-    "LOCK_NAME",
-    "RESULT_FILES",
-    "RunLock",
-    "check_output_dir",
-    "check_settings",
-    "nonfinite_paths",
-    "nonfinite_tensors",
-    "setting_diffs",
-]
-
-log = logging.getLogger("emcl.guards")
+log = logging.getLogger("emcl.guards")  # the name train.log has always shown for these lines
 
 LOCK_NAME = ".run.lock"
 
-#: What a run writes into its output folder (glob patterns); ``--overwrite`` removes exactly these.
-RESULT_FILES: tuple[str, ...] = (
-    "metrics.json",
-    "checkpoint_*.pt",
-    "config.yaml",
-    "train.log",
-    "curves.png",
-    "events.out.tfevents.*",
-    ".*.tmp",  # leftovers of atomic writes (emcl.fileio) from a killed run
-)
 
-
-# ------------------------------------------------------------------------------------------------ lock
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).astimezone().isoformat(timespec="seconds")
 
@@ -310,231 +281,6 @@ class RunLock:
 
 def _raise_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
-
-
-# ---------------------------------------------------------------------------------------- output folder
-def _finished(metrics: Path) -> bool | None:
-    """True / False from ``metrics.json``'s ``finished``; None when the file cannot be read as a mapping."""
-    try:
-        data = json.loads(metrics.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict):
-        return None
-    return data.get("finished") is True
-
-
-def result_files(output_dir: str | os.PathLike[str], patterns: Iterable[str] = RESULT_FILES) -> list[Path]:
-    """The files of ``output_dir`` (not below it) that match ``patterns``, sorted."""
-    folder = Path(output_dir)
-    found: set[Path] = set()
-    for pattern in patterns:
-        for p in glob.glob(os.path.join(glob.escape(str(folder)), pattern)):
-            path = Path(p)
-            if path.is_file() or path.is_symlink():
-                found.add(path)
-    return sorted(found)
-
-
-def check_output_dir(
-    output_dir: str | os.PathLike[str],
-    resume: bool,
-    overwrite: bool,
-    result_patterns: Iterable[str] = RESULT_FILES,
-    resumable: bool = True,
-) -> list[Path]:
-    """Make sure ``output_dir`` can take this run; returns the files ``--overwrite`` removed.
-
-    - The folder is created if needed and must be writable (checked by creating a file in it), else
-      :class:`UserError` naming it, before any work.
-    - A folder holding a finished run (``metrics.json`` with ``"finished": true``), an unfinished one
-      (``checkpoint_last.pt``) or other results of an earlier run (``metrics.json``, ``checkpoint_*.pt``)
-      is not reused silently: without ``--resume`` or ``--overwrite`` this raises :class:`UserError`
-      explaining both. ``--resume`` needs ``checkpoint_last.pt`` when earlier results are there (else it
-      would start afresh over them).
-    - With ``--overwrite`` the earlier run's result files (``result_patterns``, default
-      :data:`RESULT_FILES`) are removed, each logged. Call this while holding the :class:`RunLock` and
-      before opening ``train.log``. Tools that cannot resume (``resumable=False``) offer only
-      ``--overwrite`` in the message.
-    """
-    folder = Path(output_dir)
-    if resume and overwrite:
-        raise UserError("--resume continues the run in the output folder, --overwrite discards it: pass one")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output_dir {folder} exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"output folder {folder} is not writable ({e.strerror or e}); fix its permissions "
-                        "or choose another --output_dir") from None
-
-    metrics, last = folder / "metrics.json", folder / "checkpoint_last.pt"
-    checkpoints = sorted(p.name for p in folder.glob("checkpoint_*.pt"))
-    finished = _finished(metrics) if metrics.is_file() else None
-    if finished:
-        what = "a finished run (metrics.json says finished)"
-    elif last.is_file():
-        what = "an unfinished run (checkpoint_last.pt)"
-    elif metrics.is_file() or checkpoints:
-        what = f"results of an earlier run ({', '.join(['metrics.json'] * metrics.is_file() + checkpoints)})"
-    else:
-        return []
-
-    if overwrite:
-        removed = result_files(folder, result_patterns)
-        for path in removed:
-            path.unlink(missing_ok=True)
-        log.warning("--overwrite: removed %d file(s) of the earlier run in %s: %s", len(removed), folder,
-                    ", ".join(p.name for p in removed))
-        return removed
-    if resume:
-        if last.is_file():
-            return []
-        raise UserError(
-            f"output folder {folder} holds {what} but no checkpoint_last.pt to resume from; pass "
-            "--overwrite to replace it, or choose another --output_dir"
-        )
-    if not resumable:
-        raise UserError(f"output folder {folder} already holds {what}. Pass --overwrite to replace its "
-                        "results, or choose another --output_dir")
-    raise UserError(
-        f"output folder {folder} already holds {what}. Pass --resume to continue it from "
-        "checkpoint_last.pt (settings that define the model or the experiment must match), --overwrite to "
-        "delete its results and start again, or choose another --output_dir"
-    )
-
-
-# ------------------------------------------------------------------------------------- settings compare
-_MISSING = object()
-
-
-def _fmt(v: Any) -> str:
-    if v is _MISSING:
-        return "unset"
-    if isinstance(v, str):
-        return v if v and v.strip() == v else repr(v)
-    return str(v)
-
-
-def _same_path(a: str, b: str) -> bool:
-    try:
-        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-    except (OSError, ValueError):
-        return False
-
-
-def _same(a: Any, b: Any, rel_tol: float, abs_tol: float) -> bool:
-    if a is _MISSING or b is _MISSING:
-        return a is b
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        if isinstance(a, float) or isinstance(b, float):
-            if math.isnan(a) or math.isnan(b):
-                return math.isnan(a) and math.isnan(b)
-            return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
-        return a == b
-    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
-        sa, sb = os.fspath(a), os.fspath(b)
-        return sa == sb or (bool(sa) and bool(sb) and _same_path(sa, sb))
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y, rel_tol, abs_tol) for x, y in zip(a, b))
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return set(a) == set(b) and all(_same(a[k], b[k], rel_tol, abs_tol) for k in a)
-    return a == b
-
-
-def setting_diffs(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    keys: Iterable[str],
-    rel_tol: float = 1e-6,
-    abs_tol: float = 1e-12,
-) -> list[str]:
-    """``"key: old → new"`` for each of ``keys`` whose value differs between ``saved`` and ``current``.
-
-    Floats agree within ``rel_tol`` / ``abs_tol``; ints and floats compare by value (``3`` = ``3.0``);
-    strings that differ are compared again as resolved paths; a key absent on one side shows as
-    ``unset``. Nested mappings (e.g. ``clip_config``) are compared key by key, shown as ``outer.inner``.
-    """
-    out: list[str] = []
-    for key in keys:
-        old, new = saved.get(key, _MISSING), current.get(key, _MISSING)
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            out += [f"{key}.{line}" for line in setting_diffs(old, new, sorted(set(old) | set(new), key=str),
-                                                               rel_tol, abs_tol)]
-        elif not _same(old, new, rel_tol, abs_tol):
-            out.append(f"{key}: {_fmt(old)} → {_fmt(new)}")
-    return out
-
-
-def check_settings(
-    saved: Mapping[str, Any],
-    current: Mapping[str, Any],
-    must_match: Iterable[str],
-    may_change: Iterable[str],
-    source: str,
-    action: str,
-) -> list[str]:
-    """Raise :class:`UserError` listing every ``must_match`` setting that differs; log the others.
-
-    ``source`` names where ``saved`` comes from (``"checkpoint runs/a/checkpoint_last.pt"``), ``action``
-    says what to do about a mismatch (``"use the same settings to --resume it, or another --output_dir"``).
-    Returns the allowed changes (``may_change`` keys that differ), which are logged.
-    """
-    bad = setting_diffs(saved, current, must_match)
-    if bad:
-        raise UserError(f"{source} was trained with other settings (old → this run): {'; '.join(bad)}. "
-                        f"{action}")
-    changed = setting_diffs(saved, current, may_change)
-    if changed:
-        log.info("%s: allowed change(s) from its settings: %s", source, "; ".join(changed))
-    return changed
-
-
-# ------------------------------------------------------------------------------------------ non-finite
-def nonfinite_tensors(tensors: torch.nn.Module | Mapping[str, Any], limit: int = 10) -> list[str]:
-    """Names of (at most ``limit``) floating-point parameters, buffers or state-dict entries holding a
-    NaN or infinite value."""
-    import torch
-
-    items = tensors.state_dict().items() if isinstance(tensors, torch.nn.Module) else tensors.items()
-    bad = []
-    for name, t in items:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad.append(str(name))
-            if len(bad) >= limit:
-                break
-    return bad
-
-
-def state_dict_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], limit: int = 5) -> str:
-    """One line saying why ``loaded`` does not fit a model whose state dict is ``expected``: tensors of
-    another shape, missing and unexpected keys (the first ``limit`` of each); "" when it fits."""
-    shape = [
-        f"{k}: {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
-        for k, v in loaded.items()
-        if k in expected and hasattr(v, "shape") and hasattr(expected[k], "shape")
-        and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    missing = [k for k in expected if k not in loaded]
-    unexpected = [k for k in loaded if k not in expected]
-    parts = []
-
-    def some(keys: list[str]) -> str:
-        return ", ".join(keys[:limit]) + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
-
-    if shape:
-        parts.append(f"{len(shape)} tensor(s) of another shape: " + "; ".join(shape[:limit])
-                     + (f" (and {len(shape) - limit} more)" if len(shape) > limit else ""))
-    if missing:
-        parts.append(f"{len(missing)} missing: {some(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
-    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------- preflight
