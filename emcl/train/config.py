@@ -183,15 +183,15 @@ def parse_args(
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
-    extra_keys = set(extra_keys)
+    extra_keys = list(dict.fromkeys(extra_keys))  # in the task's order: saved configs keep one key order
     extras: dict[str, Any] = {k: None for k in extra_keys}
     config_keys: set[str] = set()
     if known.config:
         data = load_yaml(known.config)
         actions = {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
-        unknown = sorted(str(k) for k in set(data) - set(actions) - extra_keys)
+        unknown = sorted(str(k) for k in set(data) - set(actions) - set(extra_keys))
         if unknown:
-            raise UserValueError(_unknown_message(known.config, unknown, set(actions) | extra_keys))
+            raise UserValueError(_unknown_message(known.config, unknown, set(actions) | set(extra_keys)))
         defaults = {k: _validate(actions[k], k, v, known.config) for k, v in data.items()
                     if k in actions and k != "config"}
         parser.set_defaults(**defaults)
