@@ -34,10 +34,10 @@ log = logging.getLogger("emcl.convert")
 def convert(src: str | Path, dst: str | Path, flags: list[str], overwrite: bool = False) -> dict[str, Any]:
     """Write ``dst`` (our checkpoint) from the reference file ``src``; returns its saved config."""
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise UserError(f"{dst} exists: pass --overwrite to replace it, or choose another path")
     if dst.is_dir():
         raise UserError(f"{dst} is a folder: give the path of the checkpoint file to write")
+    if dst.exists() and not overwrite:
+        raise UserError(f"{dst} exists: pass --overwrite to replace it, or choose another path")
     parser = build_parser(retrieval.TASK)
     cfg = parse_args(parser, flags, retrieval.TASK.extra_config_keys)
     cfg._explicit = explicit_flags(parser, flags)
@@ -48,10 +48,9 @@ def convert(src: str | Path, dst: str | Path, flags: list[str], overwrite: bool 
     cfg.task, cfg.task_module = retrieval.TASK.name, retrieval.TASK.module
     model = retrieval.build_model(cfg)
     ref.load_into(model)
-    saved = config_dict(cfg)
-    save_torch({"model": model.state_dict(), "config": saved, "converted_from": str(src),
-                **ref.metrics(cfg)}, dst)
-    log.info("wrote %s (agg_module %s; %s)", dst, cfg.agg_module, ref.metrics(cfg)["em_state"])
+    saved, notes = config_dict(cfg), ref.metrics(cfg)
+    save_torch({"model": model.state_dict(), "config": saved, "converted_from": str(src), **notes}, dst)
+    log.info("wrote %s (agg_module %s; %s)", dst, cfg.agg_module, notes["em_state"])
     return saved
 
 

@@ -24,6 +24,7 @@ import torch
 
 from emcl.clip.loading import infer_clip_config
 from emcl.errors import UserValueError
+from emcl.train.settings import state_dict_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,6 @@ def settle_architecture(ref: ReferenceCheckpoint, cfg: Any, configured: set[str]
 def load_reference_state(model: torch.nn.Module, ref: ReferenceCheckpoint) -> None:
     """Load the file's weights into ``model``; ``emcl.mu`` keeps the model's own draw from the run seed
     (the file has none). Missing or unexpected keys, or other shapes, are an error in the file's names."""
-    from emcl.train.settings import state_dict_mismatch
-
     expected = model.state_dict()
     state = dict(ref.state)
     if "emcl.mu" in expected:
