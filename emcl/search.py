@@ -155,7 +155,7 @@ def build_index(videos_dir: str | os.PathLike, checkpoint: str | os.PathLike, ou
                 frame_cache: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Embed every video under ``videos_dir`` with the checkpoint's model and write the index to ``out``.
     Returns the index metadata (also ``out/index.json``)."""
-    from emcl.train.amp import autocast
+    from emcl.amp import autocast
     from emcl.train.runs import load_run
 
     run = load_run(checkpoint=checkpoint, config=config, device=device)
@@ -255,8 +255,8 @@ class Index:
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:
+        from emcl.amp import autocast
         from emcl.clip import tokenize
-        from emcl.train.amp import autocast
 
         try:
             ids, mask = tokenize(texts, self.run.cfg.max_words)

@@ -35,18 +35,18 @@ from pathlib import Path
 
 import torch
 
+from emcl.amp import autocast
+from emcl.batches import prefetch_to_device
 from emcl.clip import build_clip
 from emcl.clip.memory import CHECKPOINT_LEVELS
 from emcl.fileio import save_json, save_yaml
 from emcl.scoring import score_matrix
-from emcl.train.amp import autocast
 from emcl.train.compile import (
     compile_modules,
     is_compiled,
     release_compile_workers,
     set_activation_memory_budget,
 )
-from emcl.train.features import prefetch_to_device
 from emcl.train.optim import build_optimizer, param_groups
 from video_retrieval.emcl_net.model import EMCLNet, emcl_scores
 

@@ -20,13 +20,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from emcl.dist import DistInfo
 from emcl.errors import UserError, cli_main
 from emcl.fileio import save_torch
 from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import parse_args
 from emcl.train.runner import build_parser, config_dict, configured_keys, explicit_flags
 from video_retrieval.emcl_net import main_task_retrieval as retrieval
-from video_retrieval.emcl_net.reference_checkpoint import adopt_reference_checkpoint
 
 log = logging.getLogger("emcl.convert")
 
@@ -39,14 +41,19 @@ def convert(src: str | Path, dst: str | Path, flags: list[str], overwrite: bool 
     if dst.exists() and not overwrite:
         raise UserError(f"{dst} exists: pass --overwrite to replace it, or choose another path")
     parser = build_parser(retrieval.TASK)
-    cfg = parse_args(parser, flags, retrieval.TASK.extra_config_keys)
+    cfg = parse_args(parser, flags, retrieval.TASK.config_blocks)
     cfg._explicit = explicit_flags(parser, flags)
-    ref = adopt_reference_checkpoint(load_checkpoint(src), str(src), cfg, configured_keys(cfg))
+    task = retrieval.TASK(
+        cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    )
+    ref = task.adopt_checkpoint(load_checkpoint(src), str(src), configured_keys(cfg))
     if ref is None:
-        raise UserError(f"{src} is not a reference EMCL-Net / CLIP4Clip checkpoint (no plain state dict "
-                        f"with clip.visual.conv1.weight); checkpoints of ours need no conversion")
+        raise UserError(
+            f"{src} is not a reference EMCL-Net / CLIP4Clip checkpoint (no plain state dict "
+            f"with clip.visual.conv1.weight); checkpoints of ours need no conversion"
+        )
     cfg.task, cfg.task_module = retrieval.TASK.name, retrieval.TASK.module
-    model = retrieval.build_model(cfg)
+    model = task.build_model()
     ref.load_into(model)
     saved, notes = config_dict(cfg), ref.metrics(cfg)
     save_torch({"model": model.state_dict(), "config": saved, "converted_from": str(src), **notes}, dst)

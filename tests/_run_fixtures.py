@@ -16,13 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 TASK = "video_retrieval.emcl_net.main_task_retrieval"
 
 
+def cpu_info():
+    """A single CPU process's :class:`emcl.dist.DistInfo`."""
+    from emcl.dist import DistInfo
+
+    return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+
+
 def tiny_config(data: Path, **over) -> argparse.Namespace:
     """configs/synthetic.yaml's settings (its tiny CLIP) pointed at the synthetic set in ``data``."""
     from emcl.train.runner import build_parser
     from video_retrieval.emcl_net import main_task_retrieval as task
 
     parser = build_parser(task.TASK)
-    cfg = parse_args(parser, ["--config", str(REPO / "configs/synthetic.yaml")], task.TASK.extra_config_keys)
+    cfg = parse_args(parser, ["--config", str(REPO / "configs/synthetic.yaml")], task.TASK.config_blocks)
     cfg.task_module = TASK
     cfg.anno_path = str(data / "annotations")
     cfg.video_path = str(data / "videos")
@@ -52,7 +59,7 @@ def make_run(root: Path, num_videos: int = 10, **over) -> tuple[Path, argparse.N
 
     data = make_data(root, num_videos)
     cfg = tiny_config(data, **over)
-    model = task.build_model(cfg)
+    model = task.TASK(cfg, cpu_info()).build_model()
     with torch.no_grad():  # a non-trivial EMCL state, as after training
         model.emcl.mu.copy_(torch.linspace(-1.0, 1.0, model.emcl.mu.shape[-1]))
     run = root / "run"

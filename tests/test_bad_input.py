@@ -312,14 +312,14 @@ def test_init_model_from_another_architecture(data, finished, tmp_path):
 # ----------------------------------------------------------------------------------- 3. non-finite loss
 def test_non_finite_loss_stops_at_that_step_without_a_checkpoint(data, tmp_path, monkeypatch):
     calls = []
-    real_step = mtr.TASK.train_step
+    real_step = mtr.TASK.step
 
     def nan_on_second_step(*args):
         loss = real_step(*args)
         calls.append(1)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(mtr.TASK, "train_step", nan_on_second_step)
+    monkeypatch.setattr(mtr.TASK, "step", nan_on_second_step)
     out = tmp_path / "nan"
     code, err = cli(flags(data, out, "--epochs", "2"))
     assert code == 2
@@ -329,7 +329,7 @@ def test_non_finite_loss_stops_at_that_step_without_a_checkpoint(data, tmp_path,
 
 
 def test_non_finite_weights_are_not_saved(data, tmp_path, monkeypatch):
-    def overflow(model):  # an update that overflowed while the loss was still finite
+    def overflow(self, model):  # an update that overflowed while the loss was still finite
         with torch.no_grad():
             model.clip.logit_scale.fill_(float("inf"))
 

@@ -126,7 +126,7 @@ def test_shipped_configs_pass_validation():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         task = _task_of(path)
         if task is not None:
-            parse_args(build_parser(task), ["--config", str(path)], task.extra_config_keys)
+            parse_args(build_parser(task), ["--config", str(path)], task.config_blocks)
             checked += 1
     assert checked >= 10
 

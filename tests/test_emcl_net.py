@@ -157,7 +157,7 @@ def test_query_mode_is_order_and_blocking_invariant():
 
 
 def test_bf16_fast_path_matches_fp32(model):
-    from emcl.train.amp import autocast
+    from emcl.amp import autocast
 
     ids, tmask, frames, fmask = batch(n=8, seed=3)
     out = {}

@@ -632,8 +632,10 @@ def test_emcl_net_checkpoint_source(tmp_path):
                   max_frames=4, use_emcl=0, clip_path=None, grad_checkpointing=False, msrvtt_train="9k",
                   msrvtt_test="1k", decode_backend="pyav", cache_in_memory=0, skip_bad_videos=False,
                   precision="fp32", workers=0, batch_size_val=16, em_init="upstream")  # fmt: skip
-    cfg = argparse.Namespace(**{**task_defaults(retrieval), **config})
-    model = retrieval.build_model(cfg).eval()
+    cfg = argparse.Namespace(**{**task_defaults(retrieval.TASK), **config})
+    info = dist.DistInfo(0, 1, 0, torch.device("cpu"), True)
+    task = retrieval.TASK(cfg, info)
+    model = task.build_model().eval()
     torch.save({"model": model.state_dict(), "config": config}, tmp_path / "checkpoint_best.pt")
     out = tmp_path / "out"
     args = [
@@ -651,9 +653,8 @@ def test_emcl_net_checkpoint_source(tmp_path):
     res = inference.main(args)
     assert res["source"]["source"] == "emcl_net" and res["source"]["trained_with_emcl"] is False
     # without EMCL it is the model's own (text-conditioned) scoring of the test split
-    info = dist.DistInfo(0, 1, 0, torch.device("cpu"), True)
-    split = retrieval.get_split(cfg, "test")
-    t, f, m, _ = retrieval.extract_features(model, split, cfg, info)
+    split = task.load_split("test")
+    t, f, m, _ = task.encode(model, split)
     want = evaluate_similarity(emcl_scores(t, f, m, None, cfg.temp), torch.tensor(split.caption_video))
     assert res["without_emcl"]["t2v"] == want["t2v"] and res["without_emcl"]["v2t"] == want["v2t"]
     assert res["num_videos"] == 8 and res["num_texts"] == len(split.captions) > 8

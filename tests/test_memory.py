@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from emcl.amp import autocast
 from emcl.clip import build_clip
 from emcl.clip.memory import LeanLayerNorm, LeanQuickGELU
-from emcl.train.amp import autocast
 from video_retrieval.emcl_net.model import EMCLNet
 
 TINY = dict(

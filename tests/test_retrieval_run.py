@@ -42,7 +42,28 @@ def flags(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+# the trainer, killed with SIGKILL (like a job the scheduler kills) once epoch N is saved
+KILL_AFTER_EPOCH = """
+import os, signal, sys
+from emcl.errors import cli_main
+from emcl.train import runner
+from video_retrieval.emcl_net.main_task_retrieval import main
+
+N = int(sys.argv.pop(1))
+end_epoch = runner._end_epoch
+
+def end_then_die(task, cfg, model, info, out, tr, ep):
+    end_epoch(task, cfg, model, info, out, tr, ep)
+    if ep.index + 1 == N:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+runner._end_epoch = end_then_die
+cli_main(main)
+"""
+
+
+def run(args: list[str], nproc: int = 1, check: bool = True, kill_after_epoch: int = 0
+        ) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if nproc > 1:
         cmd = [
@@ -55,6 +76,8 @@ def run(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.Compl
             MODULE,
             *args,
         ]
+    elif kill_after_epoch:
+        cmd = [sys.executable, "-c", KILL_AFTER_EPOCH, str(kill_after_epoch), *args]
     else:
         cmd = [sys.executable, "-m", MODULE, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -104,7 +127,7 @@ def test_resume_after_kill_gives_the_same_metrics(msrvtt_data, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     # RandAugment on: what each clip looks like must not depend on the restart
     run(flags(msrvtt_data, full, "--augment", "1", "--workers", "1"))
-    proc = run(flags(msrvtt_data, killed, "--augment", "1", "--_kill_after_epoch", "1"), check=False)
+    proc = run(flags(msrvtt_data, killed, "--augment", "1"), check=False, kill_after_epoch=1)
     assert proc.returncode != 0
     assert load(killed / "checkpoint_last.pt")["epoch"] == 1
     assert "test" not in json.loads((killed / "metrics.json").read_text())

@@ -35,7 +35,7 @@ from emcl.data.sources import SkipBudget, check_videos_exist, missing_videos
 from emcl.data.video import VideoError
 from emcl.errors import UserError, cli_main
 from emcl.metrics import format_qa_table, qa_accuracy
-from emcl.train.amp import autocast
+from emcl.amp import autocast
 from emcl.train.config import fraction, nonneg_float, positive_float, positive_int
 from emcl.train.optim import build_optimizer as _build_optimizer
 from emcl.train.optim import build_scheduler, param_groups

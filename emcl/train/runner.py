@@ -1,9 +1,10 @@
 """The one run loop every trainer shares (EMCL-Net, EMCL-QA, joint training).
 
-A task supplies a :class:`Task`: its flags, model, training loader, one training step, the evaluation of
-a split and the key that ranks two evaluations. :func:`run` does the rest, once for every task:
+A task is a :class:`~emcl.train.task.Task` subclass: its flags, model, training loader, one training
+step, the evaluation of a split and the key that ranks two evaluations. :func:`run` does the rest, once
+for every task:
 
-- flags over ``--config`` (the common flags below plus the task's), torchrun setup, seeding;
+- flags over ``--config`` (the task's shared groups and its own), torchrun setup, seeding;
 - the output folder: one run per folder (a lock held for the whole run), no silent reuse of a finished
   run (``--resume`` continues, ``--overwrite`` starts again);
 - checkpoints compared with the current settings before anything is loaded (``--init_model``,
@@ -11,15 +12,16 @@ a split and the key that ranks two evaluations. :func:`run` does the rest, once 
 - every split the run will use parsed and its videos checked before the first step;
 - the epoch loop: progress bar, log lines, skipped-video counting, a non-finite guard, optional
   TensorBoard; checkpoints every epoch, selection on a split, resume;
-- the final evaluation, ``metrics.json`` (strict JSON, atomic) and the training-curve PNG.
+- the final evaluation, ``metrics.json`` (strict JSON, atomic) and the task's report (training curves).
+
+An eval-only task (the inference module) gets the same flags, lock, logging, cleanup and
+``metrics.json`` around its one evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,137 +35,31 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from emcl import dist
+from emcl.amp import autocast
 from emcl.errors import UserError
 from emcl.fileio import save_json, save_torch, save_yaml
-from emcl.train.amp import autocast
 from emcl.train.checkpoint import load_checkpoint
-from emcl.train.config import fraction, nonneg_float, nonneg_int, parse_args, positive_float, positive_int
+from emcl.train.config import parse_args
 from emcl.train.finite import check_finite_steps, check_finite_weights
 from emcl.train.lock import RunLock
 from emcl.train.logs import setup_logging
-from emcl.train.optim import build_optimizer, build_scheduler, param_groups
 from emcl.train.outdir import RESULT_FILES, check_output_dir
 from emcl.train.settings import check_settings, setting_diffs, state_dict_mismatch
+from emcl.train.task import Task
+
+__all__ = ["Task", "build_parser", "check_skip_fraction", "explicit_flags", "parse", "prepare_output", "run"]
 
 log = logging.getLogger("emcl.run")
 
 
-@dataclass
-class Task:
-    """What a task supplies to :func:`run` (see ``emcl/train/README`` in DESIGN.md)."""
-
-    name: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    build_model: Callable[[argparse.Namespace], nn.Module]
-    build_train_loader: Callable[[argparse.Namespace, dist.DistInfo], Any]
-    train_step: Callable[[nn.Module, nn.Module, dict, argparse.Namespace, dist.DistInfo], torch.Tensor]
-    evaluate: Callable[[nn.Module, str, argparse.Namespace, dist.DistInfo], dict]
-    has_split: Callable[[argparse.Namespace, str], bool]
-    select_key: Callable[[dict], tuple]
-    format_results: Callable[[dict], str]
-    check_data: Callable[[argparse.Namespace, list[str]], None] | None = None
-    prepare_data: Callable[[argparse.Namespace, dist.DistInfo], None] | None = None
-    build_optimizer: Callable[[nn.Module, argparse.Namespace, int, int], tuple[Any, Any]] | None = None
-    after_step: Callable[[nn.Module], None] | None = None
-    clip_grad: Callable[[nn.Module, argparse.Namespace], torch.Tensor | None] | None = None
-    compile_targets: Callable[[nn.Module], list[nn.Module]] | None = None
-    # a checkpoint of a foreign layout (e.g. the authors'): settles cfg's architecture from the file and
-    # returns an object with load_into(model), format and metrics(cfg); None for our own checkpoints
-    adopt_checkpoint: Callable[[Any, str, argparse.Namespace, set[str]], Any] | None = None
-    extra_config_keys: tuple[str, ...] = ()
-    arch_keys: tuple[str, ...] = ()
-    score_keys: tuple[str, ...] = ()
-    experiment_keys: tuple[str, ...] = ()
-    module: str = ""  # importable module of the task (saved as ``task_module`` for tools that load runs)
-
-
-# ------------------------------------------------------------------------------------------------ flags
-COMMON_EXPERIMENT_KEYS = (
-    "anno_path",
-    "video_path",
-    "batch_size",
-    "lr",
-    "coef_lr",
-    "weight_decay",
-    "warmup_proportion",
-    "max_grad_norm",
-    "faithful",
-    "seed",
-)
-
-
-def _compile_mode(value: str) -> str:
-    v = str(value).lower()
-    table = {"auto": "auto", "1": "1", "true": "1", "on": "1", "0": "0", "false": "0", "off": "0"}
-    if v not in table:
-        raise argparse.ArgumentTypeError(f"must be auto, 1 or 0, got {value!r}")
-    return table[v]
-
-
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags every trainer has; tasks add their own with ``Task.add_arguments``."""
-    a = p.add_argument
-    a("--config", default=None, help="YAML file of option defaults; flags given here override it")
-    a("--do_train", type=int, default=0, choices=(0, 1))
-    a("--do_eval", type=int, default=0, choices=(0, 1))
-    a("--output_dir", default="runs/emcl")
-    a("--anno_path", default=None, help="folder of the dataset's annotation files")
-    a("--video_path", default=None, help="folder of the videos")
-    a("--frame_cache", default=None, help="HDF5 frame store from scripts/cache_frames.py")
-    a("--cache_in_memory", type=int, default=0, choices=(0, 1), help="hold the frame cache in RAM")
-    a("--skip_bad_videos", action="store_true", help="log, count and skip unreadable videos")
-    a(
-        "--max_skip_fraction",
-        type=fraction,
-        default=0.05,
-        help="with --skip_bad_videos: stop once more than this share of a split's videos is unreadable",
-    )
-    a("--batch_size", type=positive_int, default=128, help="global training batch, split across ranks")
-    a("--batch_size_val", type=positive_int, default=64, help="per-rank batch for evaluation")
-    a("--epochs", type=positive_int, default=5)
-    a("--max_steps", type=nonneg_int, default=0, help="stop training after this many steps (0: all epochs)")
-    a("--lr", type=positive_float, default=1e-4)
-    a("--coef_lr", type=nonneg_float, default=1e-3, help="backbone lr = lr * coef_lr")
-    a("--weight_decay", type=nonneg_float, default=0.2)
-    a("--warmup_proportion", type=fraction, default=0.1)
-    a("--max_grad_norm", type=nonneg_float, default=1.0, help="0: no clipping")
-    a("--init_model", default=None, help="checkpoint to start from or to evaluate")
-    a("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pt")
-    a("--overwrite", action="store_true", help="replace the results of an earlier run in output_dir")
-    a("--seed", type=int, default=42)
-    a("--workers", type=nonneg_int, default=4)
-    a(
-        "--threads",
-        type=nonneg_int,
-        default=0,
-        help="torch's CPU threads per process (0: torch's default); tiny models on a busy CPU run fastest "
-        "with 1",
-    )
-    a("--device", default=None, choices=("cpu", "cuda"))
-    a("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA")
-    a("--eval_split", default="test", choices=("val", "test"), help="split of the final evaluation")
-    a(
-        "--select_on_test",
-        action="store_true",
-        help="select the epoch on the test split, as the reference did (results are labelled as such)",
-    )
-    a("--faithful", action="store_true",
-      help="the reference's behaviour where ours differs (docs/reference.md)")
-    a("--compile", type=_compile_mode, default="auto", help="torch.compile: auto (on for CUDA), 1 or 0")
-    a("--n_display", type=positive_int, default=50, help="log every n steps")
-    a("--tensorboard", action="store_true", help="also log to TensorBoard in output_dir/tensorboard")
-    a("--debug", action="store_true", help="show tracebacks of errors a user can fix")
-    a("--_kill_after_epoch", type=int, default=0, help=argparse.SUPPRESS)  # tests: die like a killed job
-
-
-def build_parser(task: Task, description: str | None = None) -> argparse.ArgumentParser:
-    """Common flags plus the task's; abbreviations are refused (``--lam`` is not ``--lamd``)."""
+def build_parser(task: type[Task], description: str | None = None) -> argparse.ArgumentParser:
+    """The task's flags (shared groups and its own); abbreviations are refused (``--lam`` is not
+    ``--lamd``)."""
     p = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    add_common_arguments(p)
     task.add_arguments(p)
     return p
 
@@ -185,7 +81,7 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[
 
 
 def parse(
-    task: Task, argv: Sequence[str] | None = None, description: str | None = None
+    task: type[Task], argv: Sequence[str] | None = None, description: str | None = None
 ) -> argparse.Namespace:
     """Flags over ``--config``; ``cfg._explicit`` holds the names given on the command line.
 
@@ -194,8 +90,12 @@ def parse(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(task, description)
-    cfg = parse_args(parser, argv, task.extra_config_keys)
+    cfg = parse_args(parser, argv, task.config_blocks)
     cfg._explicit = explicit_flags(parser, argv)
+    cfg.task = task.name
+    cfg.task_module = task.module
+    if not task.trains:
+        return cfg
     if "do_eval" in cfg._explicit and cfg.do_eval and "do_train" not in cfg._explicit:
         cfg.do_train = 0
     if not (cfg.do_train or cfg.do_eval):
@@ -204,8 +104,6 @@ def parse(
         raise UserError("--do_eval 1 without training needs --init_model CHECKPOINT")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one")
-    cfg.task = task.name
-    cfg.task_module = task.module
     return cfg
 
 
@@ -238,7 +136,9 @@ def _saved_config(ck: dict, path: str | Path) -> dict[str, Any] | None:
     return saved
 
 
-def apply_checkpoint_settings(task: Task, cfg: argparse.Namespace, saved: dict[str, Any], path: str) -> None:
+def apply_checkpoint_settings(
+    task: type[Task], cfg: argparse.Namespace, saved: dict[str, Any], path: str
+) -> None:
     """Eval-only runs: the settings that define the weights and the scores come from the checkpoint.
 
     A weight-defining setting given explicitly with another value is an error (the weights cannot be
@@ -246,14 +146,15 @@ def apply_checkpoint_settings(task: Task, cfg: argparse.Namespace, saved: dict[s
     """
     explicit = cfg._explicit
     arch_conflicts = []
-    for key in dict.fromkeys((*task.arch_keys, *task.score_keys)):
+    arch_keys = task.arch_keys()
+    for key in dict.fromkeys((*arch_keys, *task.score_keys())):
         if key not in saved:
             continue
         old, new = saved[key], getattr(cfg, key, None)
         if setting_diffs({key: old}, {key: new}, [key]) == []:
             continue
         if key in explicit:
-            if key in task.arch_keys:
+            if key in arch_keys:
                 arch_conflicts.append(f"{key}: {old!r} in the checkpoint, {new!r} given")
             else:
                 log.warning(
@@ -289,18 +190,12 @@ def _splits_used(task: Task, cfg: argparse.Namespace) -> list[str]:
         splits.append("train")
         if cfg.select_on_test:
             splits.append("test")
-        elif task.has_split(cfg, "val"):
+        elif task.has_split("val"):
             splits.append("val")
     splits.append(cfg.eval_split)
-    if cfg.do_eval and not cfg.do_train and cfg.eval_split == "test" and task.has_split(cfg, "val"):
+    if cfg.do_eval and not cfg.do_train and cfg.eval_split == "test" and task.has_split("val"):
         splits.append("val")
     return list(dict.fromkeys(splits))
-
-
-def _default_optimizer(model: nn.Module, cfg, total_steps: int, steps_per_epoch: int):
-    groups = param_groups(model, cfg.lr, cfg.coef_lr, cfg.weight_decay, faithful=cfg.faithful)
-    optimizer = build_optimizer(groups, faithful=cfg.faithful)
-    return optimizer, build_scheduler(optimizer, total_steps, cfg.warmup_proportion, faithful=cfg.faithful)
 
 
 def _head_lr(optimizer) -> float:
@@ -308,12 +203,6 @@ def _head_lr(optimizer) -> float:
     backbone's ``lr * coef_lr``, for logs and curves."""
     groups = optimizer.param_groups
     return float(next((g["lr"] for g in groups if str(g.get("name", "")).startswith("new")), groups[0]["lr"]))
-
-
-def _default_clip(model: nn.Module, cfg) -> torch.Tensor | None:
-    if cfg.max_grad_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    return None
 
 
 class _TensorBoard:
@@ -361,7 +250,7 @@ def load_resume_checkpoint(
         check_settings(
             saved,
             config_dict(cfg),
-            must_match=(*task.arch_keys, *COMMON_EXPERIMENT_KEYS, *task.experiment_keys),
+            must_match=(*task.arch_keys(), *task.experiment_keys()),
             may_change=("epochs", "max_steps", "workers", "n_display", "batch_size_val", "eval_split"),
             source=f"checkpoint {last}",
             action="--resume continues a run with its own settings: use them, or another --output_dir",
@@ -376,7 +265,6 @@ class _Training:
     loader: Any
     optimizer: Any
     scheduler: Any
-    clip_grad: Callable[[nn.Module, argparse.Namespace], torch.Tensor | None]
     ddp: nn.Module  # the model, wrapped in DistributedDataParallel when there are several processes
     total_steps: int
     num_train_videos: int
@@ -449,15 +337,14 @@ def _setup_training(
     device = info.device
     if cfg.batch_size % info.world_size:
         raise UserError(f"--batch_size {cfg.batch_size} is not divisible by the {info.world_size} processes")
-    loader = task.build_train_loader(cfg, info)
+    loader = task.loader("train")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError("the training loader yields no batch: fewer training samples than --batch_size?")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    make_opt = task.build_optimizer or _default_optimizer
-    optimizer, scheduler = make_opt(model, cfg, total_steps, steps_per_epoch)
+    optimizer, scheduler = task.build_optimizer(model, total_steps, steps_per_epoch)
     start_epoch, step, best, resumed_from = _resume_training(
         task, cfg, model, info, out, optimizer, scheduler, resume_ck
     )
@@ -470,11 +357,10 @@ def _setup_training(
         loader=loader,
         optimizer=optimizer,
         scheduler=scheduler,
-        clip_grad=task.clip_grad or _default_clip,
         ddp=ddp,
         total_steps=total_steps,
         num_train_videos=getattr(loader.dataset, "num_videos", 0),
-        select_split="test" if cfg.select_on_test else ("val" if task.has_split(cfg, "val") else None),
+        select_split="test" if cfg.select_on_test else ("val" if task.has_split("val") else None),
         tb=_TensorBoard(out, cfg.tensorboard and info.is_main),
         last=out / "checkpoint_last.pt",
         start_epoch=start_epoch,
@@ -562,10 +448,10 @@ def _train_step(
     """One optimisation step on ``batch``; a non-finite loss or gradient norm is recorded in ``ep`` (and
     raised at once when ``check_now``). Returns the loss."""
     with autocast(info.device, cfg.precision):
-        loss = task.train_step(tr.ddp, model, batch, cfg, info)
+        loss = task.step(tr.ddp, batch)
     tr.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    norm = tr.clip_grad(model, cfg)
+    norm = task.clip_grad(model)
     finite = torch.isfinite(loss.detach())
     if norm is not None:
         finite = finite & torch.isfinite(norm)
@@ -574,8 +460,7 @@ def _train_step(
         check_finite_steps(ep.first_bad, ep.index, cfg)
     tr.optimizer.step()
     tr.scheduler.step()
-    if task.after_step is not None:
-        task.after_step(model)
+    task.after_step(model)
     tr.step += 1
     ep.n_steps += 1
     ep.seen += int(batch.get("batch_size", 0)) * info.world_size
@@ -666,8 +551,6 @@ def _end_epoch(task: Task, cfg: argparse.Namespace, model: nn.Module, info: dist
         }
         save_json(progress, out / "metrics.json")
     log.info("epoch %d done: loss %.4f (%.0f s)", epoch + 1, epoch_loss, time.perf_counter() - ep.t0)
-    if cfg._kill_after_epoch == epoch + 1:
-        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
 
 
@@ -678,7 +561,7 @@ def _select_epoch(task: Task, cfg: argparse.Namespace, model: nn.Module, info: d
     if tr.select_split is None:
         tr.best.update(epoch=epoch + 1)  # no selection split: the last epoch is the model
         return
-    res = task.evaluate(model, tr.select_split, cfg, info)
+    res = task.evaluate(model, tr.select_split)
     record[tr.select_split] = res
     log.info("epoch %d %s:\n%s", epoch + 1, tr.select_split, task.format_results(res))
     key = task.select_key(res)
@@ -712,18 +595,22 @@ def prepare_output(out: Path, info: dist.DistInfo, *, resume: bool, overwrite: b
     return _all_ranks(take, info, rank0_only=True)
 
 
-def run(task: Task, argv: Sequence[str] | None = None, description: str | None = None) -> dict[str, Any]:
+def run(
+    task_cls: type[Task], argv: Sequence[str] | None = None, description: str | None = None
+) -> dict[str, Any]:
     """Parse, set up, train and/or evaluate; returns the metrics written to ``metrics.json``."""
-    cfg = parse(task, argv, description)
+    cfg = parse(task_cls, argv, description)
     info = dist.init_distributed(cfg.device)
     out = Path(cfg.output_dir)
     lock = None
     try:
-        lock = prepare_output(out, info, resume=cfg.resume, overwrite=cfg.overwrite)
-        setup_logging(out, info.rank)
-        if lock is not None and lock.removed:  # said again, now that train.log exists
+        lock = prepare_output(out, info, resume=getattr(cfg, "resume", False), overwrite=cfg.overwrite,
+                              result_patterns=task_cls.result_files, resumable=task_cls.trains)
+        setup_logging(out, info.rank, name=task_cls.log_name)
+        if lock is not None and lock.removed:  # said again, now that the log exists
             log.warning("--overwrite: removed the earlier run's %s", ", ".join(p.name for p in lock.removed))
-        return _run(task, cfg, info, out)
+        task = task_cls(cfg, info, out)
+        return _run(task, cfg, info, out) if task.trains else _evaluate_only(task, cfg, info, out)
     finally:
         if lock is not None:
             lock.release()
@@ -732,23 +619,37 @@ def run(task: Task, argv: Sequence[str] | None = None, description: str | None =
         dist.cleanup()
 
 
-def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> dict[str, Any]:
+def _setup(task: Task, cfg: argparse.Namespace, info: dist.DistInfo) -> None:
+    """Seeds, threads and the task's data preparation (every rank)."""
     dist.seed_everything(cfg.seed, info.rank)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if task.prepare_data is not None:
-        _all_ranks(lambda: task.prepare_data(cfg, info), info)
-    if cfg.eval_split == "val" and not task.has_split(cfg, "val"):
+    _all_ranks(task.prepare_data, info)
+
+
+def _evaluate_only(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> dict[str, Any]:
+    """An eval-only task: one evaluation; ``config.yaml`` and ``metrics.json`` written by rank 0."""
+    _setup(task, cfg, info)
+    if info.is_main:
+        save_yaml(config_dict(cfg), out / "config.yaml")
+    metrics = {"finished": True, "task": task.name, **task.evaluate(None, "test")}
+    task.write_metrics(metrics)
+    dist.barrier()
+    return metrics
+
+
+def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> dict[str, Any]:
+    _setup(task, cfg, info)
+    if cfg.eval_split == "val" and not task.has_split("val"):
         raise UserError(f"--eval_split val: {getattr(cfg, 'datatype', task.name)} has no validation split")
 
     init_ck, foreign = _read_init_model(task, cfg)
     resume_ck = load_resume_checkpoint(task, cfg, info, out)  # settings checked before anything is written
     splits = _splits_used(task, cfg)
-    if task.check_data is not None:
-        _all_ranks(lambda: task.check_data(cfg, splits), info, rank0_only=True)
+    _all_ranks(lambda: task.check_data(splits), info, rank0_only=True)
     log.info("%s: device %s, %d process(es); output %s", task.name, info.device, info.world_size, out)
 
-    model = task.build_model(cfg)
+    model = task.build_model()
     _load_init_model(model, cfg, init_ck, foreign)
     del init_ck
     model.to(info.device)
@@ -770,23 +671,26 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
             load_checkpoint(tested, map_location=info.device)["model"]
         )  # exactly the saved weights
     if cfg.do_eval:
-        eval_splits = [cfg.eval_split]
-        if not cfg.do_train and cfg.eval_split == "test" and task.has_split(cfg, "val"):
-            eval_splits = ["val", "test"]
-        for split in eval_splits:
-            res = task.evaluate(model, split, cfg, info)
-            if cfg.select_on_test and cfg.do_train:
-                res["selected_on_test"] = True
-            metrics[split] = res
-            log.info("%s results:\n%s", split, task.format_results(res))
+        _final_evaluation(task, cfg, model, metrics)
     metrics["finished"] = True
-    if info.is_main:
-        save_json(metrics, out / "metrics.json")
-        log.info("metrics written to %s", out / "metrics.json")
-        if cfg.do_train:
-            _draw_curves(out)
+    task.write_metrics(metrics)
+    if info.is_main and cfg.do_train:
+        _after_training(task, out)
     dist.barrier()
     return metrics
+
+
+def _final_evaluation(task: Task, cfg: argparse.Namespace, model: nn.Module, metrics: dict[str, Any]) -> None:
+    """``--eval_split`` (an eval-only run on test also reports val) into ``metrics``."""
+    eval_splits = [cfg.eval_split]
+    if not cfg.do_train and cfg.eval_split == "test" and task.has_split("val"):
+        eval_splits = ["val", "test"]
+    for split in eval_splits:
+        res = task.evaluate(model, split)
+        if cfg.select_on_test and cfg.do_train:
+            res["selected_on_test"] = True
+        metrics[split] = res
+        log.info("%s results:\n%s", split, task.format_results(res))
 
 
 def configured_keys(cfg: argparse.Namespace) -> set[str]:
@@ -800,17 +704,16 @@ def _read_init_model(task: Task, cfg: argparse.Namespace) -> tuple[dict | None, 
     if not cfg.init_model:
         return None, None
     init_ck = load_checkpoint(cfg.init_model)
-    if task.adopt_checkpoint is not None:
-        foreign = task.adopt_checkpoint(init_ck, str(cfg.init_model), cfg, configured_keys(cfg))
-        if foreign is not None:
-            return None, foreign
+    foreign = task.adopt_checkpoint(init_ck, str(cfg.init_model), configured_keys(cfg))
+    if foreign is not None:
+        return None, foreign
     saved = _saved_config(init_ck, cfg.init_model)
     if saved is not None:
         if cfg.do_train:  # fine-tuning: the weights must fit the model being built
             check_settings(
                 saved,
                 config_dict(cfg),
-                must_match=task.arch_keys,
+                must_match=task.arch_keys(),
                 may_change=(),
                 source=f"--init_model {cfg.init_model}",
                 action="Its weights fit only a model built with the same settings: use them",
@@ -844,20 +747,18 @@ def _compile(task: Task, cfg: argparse.Namespace, model: nn.Module, device: torc
     from emcl.train.compile import compile_modules, set_activation_memory_budget
 
     set_activation_memory_budget(getattr(cfg, "memory_budget", None))
-    targets = task.compile_targets(model) if task.compile_targets else [model]
+    targets = task.compile_targets(model)
     cfg._compiled = compile_modules(targets, cfg.compile, device)
 
 
-def _draw_curves(out: Path) -> None:
-    """The training-curve PNG (loss, lr, selection R@1 by epoch); a missing plotting stack only warns."""
+def _after_training(task: Task, out: Path) -> None:
+    """The task's report on a finished training run (the training curves); a failure only warns: a
+    figure must never cost a finished run its result."""
     try:
-        from emcl.viz.curves import draw_curves
+        path = task.after_training(out)
+        if path is not None:
+            log.info("wrote %s", path)
     except ImportError as e:
         log.warning("no training curves: %s", e)
-        return
-    try:
-        path = draw_curves(out)
-        if path is not None:
-            log.info("training curves: %s", path)
-    except Exception as e:  # a figure must never cost a finished run its result
+    except Exception as e:
         log.warning("could not draw the training curves: %s", e)

@@ -1,9 +1,9 @@
 """Loading a finished run (or a checkpoint) for tools that use a trained model: figures, search.
 
-The core layer does not import a task at module import time: the task module is named by the config
-key ``task_module`` (default :data:`DEFAULT_TASK_MODULE`) and imported with :mod:`importlib`. It must
-provide ``build_model(cfg)``; tools that read data also use its ``get_split(cfg, split)``,
-``video_source(cfg)`` and ``extract_features(model, split, cfg, info)``.
+The training layer does not import a task: the task module is named by the config key ``task_module``
+(default :data:`DEFAULT_TASK_MODULE`) and imported with :mod:`importlib`; its ``TASK`` is the task's
+:class:`~emcl.train.task.Task` class, bound here to the run's settings. Tools then use the task's
+methods: ``load_split``, ``video_source``, ``encode``, ``score_fn``.
 
     run = load_run("runs/demo")                       # config.yaml + checkpoint_best.pt (else _last)
     run = load_run(checkpoint="ck.pt", config="c.yaml")  # the checkpoint's saved config, C over it
@@ -17,14 +17,15 @@ import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
+from emcl.dist import DistInfo
 from emcl.errors import UserError
 from emcl.train.checkpoint import load_checkpoint
 from emcl.train.config import load_yaml
+from emcl.train.task import Task
 
 DEFAULT_TASK_MODULE = "video_retrieval.emcl_net.main_task_retrieval"
 CHECKPOINT_NAMES = ("checkpoint_best.pt", "checkpoint_last.pt")
@@ -32,43 +33,40 @@ CHECKPOINT_NAMES = ("checkpoint_best.pt", "checkpoint_last.pt")
 
 @dataclass
 class LoadedRun:
-    """A model with its weights loaded (eval mode, on ``device``), its config and its task module."""
+    """A model with its weights loaded (eval mode, on ``device``), its config and its task."""
 
     cfg: argparse.Namespace
     model: torch.nn.Module
-    task: ModuleType
+    task: Task
     checkpoint: Path
     run_dir: Path | None
     device: torch.device
 
-    def dist_info(self) -> Any:
-        """A single-process :class:`emcl.dist.DistInfo` on this run's device."""
-        from emcl.dist import DistInfo
-
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=self.device, is_main=True)
-
     def split(self, split: str) -> Any:
-        """The task's annotation split (``get_split(cfg, split)``)."""
-        return _need(self.task, "get_split")(self.cfg, split)
+        """The task's annotation split."""
+        return self.need("load_split")(split)
 
     def video_source(self) -> Any:
-        """Where the run's clips come from (``video_source(cfg)``: the frame cache or the video folder)."""
-        return _need(self.task, "video_source")(self.cfg)
+        """Where the run's clips come from (the frame cache or the video folder)."""
+        return self.need("video_source")()
 
     @torch.no_grad()
     def features(self, split: str | Any) -> tuple[torch.Tensor, ...]:
-        """The task's cached features of a split (by name or an already loaded split object):
-        for EMCL-Net text (A, D), per-frame video features (V, T, D), frame masks (V, T), video validity."""
+        """The task's features of a split (by name or an already loaded split object): for EMCL-Net text
+        (A, D), per-frame video features (V, T, D), frame masks (V, T), video validity."""
         data = self.split(split) if isinstance(split, str) else split
         self.model.eval()
-        return _need(self.task, "extract_features")(self.model, data, self.cfg, self.dist_info())
+        return self.need("encode")(self.model, data)
 
-
-def _need(module: ModuleType, name: str) -> Any:
-    fn = getattr(module, name, None)
-    if fn is None:
-        raise UserError(f"task module {module.__name__} has no {name}(); it cannot be used by this tool")
-    return fn
+    def need(self, name: str) -> Any:
+        """The task's method ``name``; a task without it cannot serve the tool (one line naming both)."""
+        fn = getattr(self.task, name, None)
+        if fn is None or getattr(type(self.task), name, None) is getattr(Task, name, None):
+            raise UserError(
+                f"{self.checkpoint}: a checkpoint of task '{self.task.name}', which has no {name}: "
+                "this tool reads EMCL-Net runs"
+            )
+        return fn
 
 
 def find_checkpoint(run_dir: str | os.PathLike) -> Path:
@@ -82,28 +80,33 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path:
     raise UserError(f"run folder {run_dir} has neither {' nor '.join(CHECKPOINT_NAMES)}")
 
 
-def import_task(cfg: argparse.Namespace | dict) -> ModuleType:
-    """The task module named by the config's ``task_module`` (default EMCL-Net retrieval)."""
-    name = (cfg.get("task_module") if isinstance(cfg, dict) else getattr(cfg, "task_module", None))
+def import_task(cfg: argparse.Namespace | dict) -> type[Task]:
+    """The task class (``TASK``) of the module named by the config's ``task_module`` (default EMCL-Net)."""
+    name = cfg.get("task_module") if isinstance(cfg, dict) else getattr(cfg, "task_module", None)
     name = name or DEFAULT_TASK_MODULE
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ImportError as e:
         raise UserError(f"config key task_module: cannot import {name!r}: {e}") from e
+    task = getattr(module, "TASK", None)
+    if not (isinstance(task, type) and issubclass(task, Task)):
+        raise UserError(f"config key task_module: {name} has no TASK class")
+    return task
 
 
-def task_defaults(task: ModuleType) -> dict[str, Any]:
-    """Every flag's default of a task run through :mod:`emcl.train.runner` (its module's ``TASK``), plus its
-    nested config keys as None; empty for other tasks."""
-    spec = getattr(task, "TASK", None)
-    if spec is None:
-        return {}
+def task_defaults(task: type[Task]) -> dict[str, Any]:
+    """Every flag's default of a task, plus its nested config keys as None."""
     from emcl.train.runner import build_parser
 
-    parser = build_parser(spec)
-    out: dict[str, Any] = {k: None for k in getattr(spec, "extra_config_keys", ())}
-    out.update({a.dest: a.default for a in parser._actions
-                if a.dest != "help" and a.default is not argparse.SUPPRESS})
+    parser = build_parser(task)
+    out: dict[str, Any] = {k: None for k in task.config_blocks}
+    out.update(
+        {
+            a.dest: a.default
+            for a in parser._actions
+            if a.dest != "help" and a.default is not argparse.SUPPRESS
+        }
+    )
     return out
 
 
@@ -136,18 +139,19 @@ def load_run(
         values.update(ck["config"])
     given = _user_settings(run_path, config, overrides)
     values.update(given)
-    task = import_task(values)
+    task_cls = import_task(values)
     # settings added to the task since the run was made take their defaults
-    cfg = argparse.Namespace(**{**task_defaults(task), **values})
-    adopt = getattr(getattr(task, "TASK", None), "adopt_checkpoint", None)
-    foreign = adopt(ck, str(ck_path), cfg, set(given)) if adopt is not None else None
+    cfg = argparse.Namespace(**{**task_defaults(task_cls), **values})
+    dev = torch.device(device)
+    task = task_cls(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=dev, is_main=True))
+    foreign = task.adopt_checkpoint(ck, str(ck_path), set(given))
     if foreign is None and not values:
         where = f"{run_path / 'config.yaml'} or " if run_path is not None else ""
         raise UserError(f"no config: {where}the checkpoint {ck_path} has no 'config' entry; pass --config")
     try:
-        model = _need(task, "build_model")(cfg)
+        model = task.build_model()
     except AttributeError as e:  # a key the task needs is missing from the saved config
-        raise UserError(f"config of {ck_path} lacks a setting {task.__name__}.build_model needs: {e}") from e
+        raise UserError(f"config of {ck_path} lacks a setting task '{task.name}' needs: {e}") from e
     if foreign is not None:
         foreign.load_into(model)
     else:
@@ -156,13 +160,13 @@ def load_run(
             model.load_state_dict(state)
         except RuntimeError as e:
             raise UserError(f"checkpoint {ck_path} does not fit the model its config describes: {e}") from e
-    dev = torch.device(device)
     model.to(dev).eval()
     return LoadedRun(cfg=cfg, model=model, task=task, checkpoint=ck_path, run_dir=run_path, device=dev)
 
 
-def _user_settings(run_path: Path | None, config: str | os.PathLike | dict | None,
-                   overrides: dict[str, Any] | None) -> dict[str, Any]:
+def _user_settings(
+    run_path: Path | None, config: str | os.PathLike | dict | None, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
     """``run_dir/config.yaml``, then ``config`` (YAML file or dict), then ``overrides``: what the user set."""
     values: dict[str, Any] = {}
     if run_path is not None and (run_path / "config.yaml").is_file():
@@ -180,25 +184,15 @@ def _user_settings(run_path: Path | None, config: str | os.PathLike | dict | Non
 
 def score_function(run: LoadedRun, policy: str) -> Any:
     """``score_fn(t, f, mask) -> (..., A, B)`` of the run's model under an evaluation policy: with its EMCL
-    layer for ``paper``/``query``, without for ``none``. The task module's ``score_fn(model, cfg, policy)``
-    when it has one; otherwise EMCL-Net's ``emcl_scores`` from the task module."""
+    layer for ``paper``/``query``, without for ``none`` (the task's ``score_fn``)."""
     if policy not in ("paper", "query", "none"):
         raise UserError(f"evaluation policy must be paper, query or none, got {policy!r}")
-    own = getattr(run.task, "score_fn", None)
-    if own is not None:
-        return own(run.model, run.cfg, policy)
-    emcl_scores = _need(run.task, "emcl_scores")
-    emcl = getattr(run.model, "emcl", None) if policy != "none" else None
-    temp = run.model.temp
-
-    def score_fn(t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return emcl_scores(t, f, mask, emcl, temp)
-
-    return score_fn
+    return run.need("score_fn")(run.model, policy)
 
 
-def similarity(run: LoadedRun, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None,
-               policy: str | None = None) -> torch.Tensor:
+def similarity(
+    run: LoadedRun, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None, policy: str | None = None
+) -> torch.Tensor:
     """The (A, V) score matrix under ``policy`` (default: the run's ``eval_block``), single process."""
     from emcl.scoring import score_matrix
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 from pathlib import Path
 
 from emcl import dist
-from emcl.data.sources import VideoSource
+from emcl.data.sources import SkipBudget, VideoSource, check_videos_exist, missing_videos
 from emcl.errors import UserError
 from emcl.train.config import check_keys
+
+log = logging.getLogger("emcl.data")
 
 
 def index_rounding(cfg: argparse.Namespace) -> str:
@@ -75,3 +78,23 @@ def prepare_synthetic(cfg: argparse.Namespace, info: dist.DistInfo, format: str,
     cfg.video_path = str(out / "videos")
     if use_cache:
         cfg.frame_cache = str(cache)
+
+
+def check_split_videos(
+    source: VideoSource,
+    video_ids: list[str],
+    what: str,
+    cfg: argparse.Namespace,
+    skipped: str = "will be skipped",
+) -> None:
+    """Before the first step: every video of a split is found and non-empty. With ``--skip_bad_videos``
+    the missing ones are logged (they are skipped like unreadable ones) up to ``--max_skip_fraction``."""
+    if not cfg.skip_bad_videos:
+        check_videos_exist(source, video_ids, what)
+        return
+    bad = missing_videos(source, video_ids)
+    if bad:
+        log.warning(
+            "%s: %d missing or empty video(s) %s: %s", what, len(bad), skipped, ", ".join(list(bad)[:20])
+        )
+        SkipBudget(len(video_ids), cfg.max_skip_fraction, what).add(bad)

@@ -366,7 +366,7 @@ def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     """Encode a split with a CLIP2Video checkpoint: main vectors and TAB vectors of every text and video."""
     from emcl.data.datasets import TextDataset, VideoDataset
     from emcl.data.loader import build_loader, rank_subset
-    from emcl.train.amp import autocast
+    from emcl.amp import autocast
 
     from .clip2video import checkpoint_path, load_clip2video
 
@@ -448,7 +448,7 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     from emcl.train.runs import load_run, task_defaults
     from video_retrieval.emcl_net import main_task_retrieval as retrieval
 
-    defaults = task_defaults(retrieval)
+    defaults = task_defaults(retrieval.TASK)
     overrides = {key: defaults[key] for key in _SPEED_KEYS}
     for key in ("anno_path", "video_path", "frame_cache", "datatype", "msrvtt_test"):  # data may have moved
         if getattr(cfg, key, None) and key in cfg.explicit:
@@ -456,8 +456,8 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     overrides.update(batch_size_val=cfg.batch_size_val, workers=cfg.workers,
                      skip_bad_videos=cfg.skip_bad_videos, precision=cfg.precision)
     run = load_run(checkpoint=cfg.emcl_net_checkpoint, overrides=overrides, device=info.device)
-    if run.task is not retrieval:
-        raise UserError(f"{cfg.emcl_net_checkpoint}: a checkpoint of {run.task.__name__}, not of EMCL-Net")
+    if not isinstance(run.task, retrieval.TASK):
+        raise UserError(f"{cfg.emcl_net_checkpoint}: a checkpoint of task '{run.task.name}', not of EMCL-Net")
     ncfg, model = run.cfg, run.model
     log.info(
         "loaded EMCL-Net from %s (trained with use_emcl=%s)",
@@ -465,10 +465,11 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
         getattr(ncfg, "use_emcl", "?"),
     )
     try:
-        split = retrieval.get_split(ncfg, cfg.split)
+        split = run.task.load_split(cfg.split)
     except (ValueError, FileNotFoundError) as error:
         raise UserError(str(error)) from error
-    t, f, m, ok = retrieval.extract_features(model, split, ncfg, info)
+    run.task.info = info  # encoded by every rank
+    t, f, m, ok = run.task.encode(model, split)
     emb = Embeddings(
         text=t.float(),
         video=f.float(),

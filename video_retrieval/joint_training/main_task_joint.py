@@ -40,7 +40,7 @@ from emcl.errors import UserError, cli_main
 from emcl.loss import hinge_topk
 from emcl.metrics import format_table, t2v_metrics, v2t_metrics
 from emcl.scoring import EVAL_POLICIES, embedding_score_matrix
-from emcl.train.amp import autocast
+from emcl.amp import autocast
 from emcl.train.runner import Task, run
 
 from .mmt import MMT, pair_scores

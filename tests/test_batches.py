@@ -1,11 +1,11 @@
-"""emcl.train.features: device copies of batch dicts and padding of a short last batch."""
+"""emcl.batches: device copies of batch dicts and padding of a short last batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from emcl.train.features import pad_rows, prefetch_to_device, to_device
+from emcl.batches import pad_rows, prefetch_to_device, to_device
 
 
 def _batch(n: int) -> dict:
