@@ -80,9 +80,7 @@ def _local(
 
 
 def evaluate_policies(
-    score_rows: Callable[[str], Tensor],
-    policies: Sequence[str],
-    metrics: Callable[[Tensor], dict[str, Any]],
+    score_rows: Callable[[str], Tensor], policies: Sequence[str], metrics: Callable[[Tensor], dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Every policy scored from the same features: ``score_rows(policy)`` gives this rank's rows of the
     score matrix, which are gathered and ranked by ``metrics``. Returns (results by policy, seconds by

@@ -46,18 +46,18 @@ def flags(data: Path, out: Path, *extra: str) -> list[str]:
 KILL_AFTER_EPOCH = """
 import os, signal, sys
 from emcl.errors import cli_main
-from emcl.train import runner
+from emcl.train import loop
 from video_retrieval.emcl_net.main_task_retrieval import main
 
 N = int(sys.argv.pop(1))
-end_epoch = runner._end_epoch
+end_epoch = loop._end_epoch
 
 def end_then_die(task, cfg, model, info, out, tr, ep):
     end_epoch(task, cfg, model, info, out, tr, ep)
     if ep.index + 1 == N:
         os.kill(os.getpid(), signal.SIGKILL)
 
-runner._end_epoch = end_then_die
+loop._end_epoch = end_then_die
 cli_main(main)
 """
 

@@ -18,6 +18,7 @@ from torch import nn
 from emcl.evaluation import evaluate_policies
 from emcl.metrics import CAPTION_DIRECTIONS, DIRECTIONS, evaluate_similarity, format_table
 from emcl.train.flags import EVAL_POLICIES, Group, evaluation_group
+from emcl.train.sources import check_skip_fraction
 from emcl.train.task import Task
 
 log = logging.getLogger("emcl.retrieval")
@@ -99,3 +100,25 @@ class RetrievalTask(Task):
         """Text-to-video R@1, then R@5 and R@10 as tie-breakers, of the headline policy."""
         r = results["t2v"]
         return r["R1"], r["R5"], r["R10"]
+
+
+def drop_unreadable(split: Any, t: torch.Tensor, video: tuple[torch.Tensor, ...], ok: torch.Tensor,
+                    cfg: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, int]:
+    """Videos that could not be read (only with ``--skip_bad_videos``) leave the gallery, and their
+    captions the queries; logged and held against ``--max_skip_fraction``. Returns ((t, *video), the
+    caption-to-video map, the number left out)."""
+    caption_video = torch.tensor(split.caption_video, device=t.device)
+    num_bad = int((~ok).sum())
+    if num_bad:
+        bad_ids = [split.video_ids[i] for i in (~ok).nonzero().flatten().tolist()]
+        what = f"{split.datatype}/{split.split}"
+        log.warning("%s: %d unreadable video(s) left out of evaluation: %s", what, num_bad,
+                    ", ".join(bad_ids[:20]))
+        check_skip_fraction(bad_ids, len(split.video_ids), what, cfg)
+        keep_v = ok.nonzero().flatten()
+        new_index = torch.full_like(ok, -1, dtype=torch.long)
+        new_index[keep_v] = torch.arange(len(keep_v), device=t.device)
+        keep_t = ok[caption_video]
+        t, caption_video = t[keep_t], new_index[caption_video[keep_t]]
+        video = tuple(x[keep_v] for x in video)
+    return (t, *video), caption_video, num_bad

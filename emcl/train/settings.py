@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from emcl.errors import UserError
@@ -128,3 +130,15 @@ def state_dict_mismatch(expected: Mapping[str, Any], loaded: Mapping[str, Any], 
         parts.append(f"{len(unexpected)} unexpected: {some(unexpected)}")
     return "; ".join(parts)
 
+
+def config_dict(cfg: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings as saved in ``config.yaml`` and checkpoints (private keys left out)."""
+    return {k: v for k, v in vars(cfg).items() if not k.startswith("_")}
+
+
+def saved_config(ck: dict, path: str | Path) -> dict[str, Any] | None:
+    """The settings a checkpoint was made with (None, with a warning, when it holds none)."""
+    saved = ck.get("config") if isinstance(ck, dict) else None
+    if saved is None:
+        log.warning("%s holds no saved config: its settings cannot be checked against this run's", path)
+    return saved

@@ -98,3 +98,10 @@ def check_split_videos(
             "%s: %d missing or empty video(s) %s: %s", what, len(bad), skipped, ", ".join(list(bad)[:20])
         )
         SkipBudget(len(video_ids), cfg.max_skip_fraction, what).add(bad)
+
+
+def check_skip_fraction(skipped_ids: set[str] | list[str], total: int, what: str, cfg) -> None:
+    """Stop once more than ``--max_skip_fraction`` of a split's videos proved unreadable (the rule and the
+    message are :class:`emcl.data.sources.SkipBudget`'s)."""
+    if total:
+        SkipBudget(total, cfg.max_skip_fraction, what).add(sorted(skipped_ids))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from emcl.clip import build_clip_from_config, load_clip
 from emcl.data.datasets import (
@@ -44,8 +45,8 @@ from emcl.evaluation import encode_split
 from emcl.scoring import score_matrix
 from emcl.train.config import fraction, positive_float, positive_int
 from emcl.train.flags import em_group, flag, frame_group, group
-from emcl.train.retrieval import RetrievalTask
-from emcl.train.runner import check_skip_fraction, run
+from emcl.train.retrieval import RetrievalTask, drop_unreadable
+from emcl.train.runner import run
 from emcl.train.sources import check_split_videos, prepare_synthetic, video_source
 
 from .model import EMCLNet, emcl_scores
@@ -60,70 +61,32 @@ EMCL_NET = group(
     flag("--datatype", kind="experiment", default="msrvtt", choices=DATATYPES),
     flag("--msrvtt_train", kind="experiment", default="9k", choices=("9k", "7k", "full")),
     flag("--msrvtt_test", default="1k", choices=("1k", "full")),
-    flag(
-        "--clip_path",
-        kind="arch",
-        default="ViT-B/32",
-        help="CLIP weights (file or name); ignored when clip_config is set",
-    ),
-    flag(
-        "--agg_module",
-        kind="arch score",
-        default="seqTransf",
-        choices=("seqTransf", "seqLSTM", "None", "meanP"),
-        help="frame aggregation; meanP: CLIP4Clip's mean-pooling baseline (one vector per video)",
-    ),
+    flag("--clip_path", kind="arch", default="ViT-B/32",
+         help="CLIP weights (file or name); ignored when clip_config is set"),
+    flag("--agg_module", kind="arch score", default="seqTransf",
+         choices=("seqTransf", "seqLSTM", "None", "meanP"),
+         help="frame aggregation; meanP: CLIP4Clip's mean-pooling baseline (one vector per video)"),
     flag("--agg_layers", kind="arch", type=positive_int, default=4),
-    flag(
-        "--temp",
-        kind="score",
-        type=positive_float,
-        default=3.0,
-        help="temperature of the text-conditioned frame weights",
-    ),
-    flag(
-        "--augment",
-        kind="experiment",
-        type=int,
-        default=0,
-        choices=(0, 1),
-        help="RandAugment (4 ops, magnitude 7) on training clips",
-    ),
-    flag(
-        "--freeze_patch_embed",
-        kind="experiment",
-        type=int,
-        default=1,
-        choices=(0, 1),
-        help="keep CLIP's patch embedding (visual.conv1) fixed in training, as the reference does",
-    ),
-    flag(
-        "--multi_positive",
-        kind="experiment",
-        type=int,
-        default=0,
-        choices=(0, 1),
-        help="other captions of the same video in a batch are positives, not negatives (reference: 0)",
-    ),
+    flag("--temp", kind="score", type=positive_float, default=3.0,
+         help="temperature of the text-conditioned frame weights"),
+    flag("--augment", kind="experiment", type=int, default=0, choices=(0, 1),
+         help="RandAugment (4 ops, magnitude 7) on training clips"),
+    flag("--freeze_patch_embed", kind="experiment", type=int, default=1, choices=(0, 1),
+         help="keep CLIP's patch embedding (visual.conv1) fixed in training, as the reference does"),
+    flag("--multi_positive", kind="experiment", type=int, default=0, choices=(0, 1),
+         help="other captions of the same video in a batch are positives, not negatives (reference: 0)"),
 )
 MEMORY = group(
     "memory",
-    flag(
-        "--grad_checkpointing",
-        nargs="?",
-        const="blocks",
-        default="none",
-        choices=("none", "blocks", "attn", "mlp"),
-        help="recompute CLIP activations in the backward pass: whole blocks (the bare flag), or only their "
-        "attention or MLP parts (docs/performance.md)",
-    ),
+    flag("--grad_checkpointing", nargs="?", const="blocks", default="none",
+         choices=("none", "blocks", "attn", "mlp"),
+         help="recompute CLIP activations in the backward pass: whole blocks (the bare flag), or only their "
+         "attention or MLP parts (docs/performance.md)"),
     flag("--checkpoint_layers", type=positive_int, default=None, help="checkpoint only the first N blocks"),
-    flag(
-        "--lean_activations", type=int, default=0, choices=(0, 1), help="fewer saved activations (same math)"
-    ),
-    flag(
-        "--memory_budget", type=fraction, default=None, help="compiled runs: activation-memory budget (0..1)"
-    ),
+    flag("--lean_activations", type=int, default=0, choices=(0, 1),
+         help="fewer saved activations (same math)"),
+    flag("--memory_budget", type=fraction, default=None,
+         help="compiled runs: activation-memory budget (0..1)"),
 )
 
 
@@ -147,19 +110,10 @@ class EMCLNetTask(RetrievalTask):
         else:
             clip = load_clip(cfg.clip_path)
         model = EMCLNet(
-            clip,
-            agg_module=cfg.agg_module,
-            agg_layers=cfg.agg_layers,
-            temp=cfg.temp,
-            use_emcl=bool(cfg.use_emcl),
-            centerK=cfg.centerK,
-            stage_num=cfg.stage_num,
-            momentum=cfg.momentum,
-            lamd=cfg.lamd,
-            beta=cfg.beta,
-            em_init=cfg.em_init,
-            seed=cfg.seed,
-        )
+            clip, agg_module=cfg.agg_module, agg_layers=cfg.agg_layers, temp=cfg.temp,
+            use_emcl=bool(cfg.use_emcl), centerK=cfg.centerK, stage_num=cfg.stage_num, momentum=cfg.momentum,
+            lamd=cfg.lamd, beta=cfg.beta, em_init=cfg.em_init, seed=cfg.seed,
+        )  # fmt: skip
         # after the head is built: the frame transformer's copies of the text blocks are not checkpointed
         model.clip.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", "none"), cfg.checkpoint_layers)
         if cfg.lean_activations:
@@ -184,11 +138,9 @@ class EMCLNetTask(RetrievalTask):
 
     def _split_options(self) -> dict[str, Any]:
         cfg = self.cfg
-        return (
-            {"msrvtt_train": cfg.msrvtt_train, "msrvtt_test": cfg.msrvtt_test}
-            if cfg.datatype == "msrvtt"
-            else {}
-        )
+        if cfg.datatype != "msrvtt":
+            return {}
+        return {"msrvtt_train": cfg.msrvtt_train, "msrvtt_test": cfg.msrvtt_test}
 
     def has_split(self, split: str) -> bool:
         return has_split(self.cfg.datatype, split, self.cfg.anno_path, **self._split_options())
@@ -211,26 +163,13 @@ class EMCLNetTask(RetrievalTask):
             from emcl.data.augment import ClipRandAugment
 
             augment = ClipRandAugment(num_ops=4, magnitude=7)
-        ds = TrainDataset(
-            self.load_split(split),
-            self.video_source(),
-            cfg.max_words,
-            augment=augment,
-            skip_bad_videos=cfg.skip_bad_videos,
-            seed=cfg.seed,
-        )
+        ds = TrainDataset(self.load_split(split), self.video_source(), cfg.max_words, augment=augment,
+                          skip_bad_videos=cfg.skip_bad_videos, seed=cfg.seed)
         if len(ds) < cfg.batch_size:
             raise UserError(f"training set has {len(ds)} captions, fewer than --batch_size {cfg.batch_size}")
-        return build_loader(
-            ds,
-            batch_size=cfg.batch_size // self.info.world_size,
-            shuffle=True,
-            seed=cfg.seed,
-            workers=cfg.workers,
-            drop_last=True,
-            collate_fn=collate_skip,
-            epoch_keys=True,
-        )
+        return build_loader(ds, batch_size=cfg.batch_size // self.info.world_size, shuffle=True,
+                            seed=cfg.seed, workers=cfg.workers, drop_last=True, collate_fn=collate_skip,
+                            epoch_keys=True)
 
     # ---------------------------------------------------------------------------------- training
     def build_optimizer(self, model: EMCLNet, total_steps: int, steps_per_epoch: int) -> tuple[Any, Any]:
@@ -262,64 +201,23 @@ class EMCLNetTask(RetrievalTask):
         model.eval()
         pad = cfg.batch_size_val if getattr(cfg, "_compiled", False) else None  # one shape when compiled
         kw = dict(batch_size=cfg.batch_size_val, shuffle=False, seed=cfg.seed, distributed=False)
-        texts = build_loader(
-            rank_subset(TextDataset(split, cfg.max_words), info.rank, info.world_size), workers=0, **kw
-        )
-        videos = build_loader(
-            rank_subset(
-                VideoDataset(split, self.video_source(), skip_bad_videos=cfg.skip_bad_videos),
-                info.rank,
-                info.world_size,
-            ),
-            workers=cfg.workers,
-            **kw,
-        )
-        (t,) = encode_split(
-            texts,
-            lambda b: model.encode_text(b["text_ids"], b["text_mask"]),
-            len(split.captions),
-            info.device,
-            cfg.precision,
-            "caption_index",
-            pad,
-        )
+        videos = VideoDataset(split, self.video_source(), skip_bad_videos=cfg.skip_bad_videos)
+        texts = build_loader(rank_subset(TextDataset(split, cfg.max_words), info.rank, info.world_size),
+                             workers=0, **kw)
+        videos = build_loader(rank_subset(videos, info.rank, info.world_size), workers=cfg.workers, **kw)
+        (t,) = encode_split(texts, lambda b: model.encode_text(b["text_ids"], b["text_mask"]),
+                            len(split.captions), info.device, cfg.precision, "caption_index", pad)
         f, m, ok = encode_split(
-            self._progress(videos, split),
+            tqdm(videos, desc=f"features {split.split}", disable=not info.is_main, leave=False),
             lambda b: (model.encode_video(b["frames"], b["frame_mask"]), b["frame_mask"], b["valid"]),
-            len(split.video_ids),
-            info.device,
-            cfg.precision,
-            "video_index",
-            pad,
-        )
+            len(split.video_ids), info.device, cfg.precision, "video_index", pad,
+        )  # fmt: skip
         return t, f, m, ok
-
-    def _progress(self, loader: Any, split: RetrievalSplit) -> Any:
-        from tqdm import tqdm
-
-        return tqdm(loader, desc=f"features {split.split}", disable=not self.info.is_main, leave=False)
 
     def usable(self, split: RetrievalSplit, features: tuple) -> tuple[tuple, torch.Tensor, dict[str, Any]]:
         """Skipped videos (only with ``--skip_bad_videos``) leave the gallery with their captions."""
         t, f, m, ok = features
-        caption_video = torch.tensor(split.caption_video, device=t.device)
-        num_bad = int((~ok).sum())
-        if num_bad:
-            bad_ids = [split.video_ids[i] for i in (~ok).nonzero().flatten().tolist()]
-            log.warning(
-                "%s/%s: %d unreadable video(s) left out of evaluation: %s",
-                split.datatype,
-                split.split,
-                num_bad,
-                ", ".join(bad_ids[:20]),
-            )
-            check_skip_fraction(bad_ids, len(split.video_ids), f"{split.datatype}/{split.split}", self.cfg)
-            keep_v = ok.nonzero().flatten()
-            new_index = torch.full_like(ok, -1, dtype=torch.long)
-            new_index[keep_v] = torch.arange(len(keep_v), device=t.device)
-            keep_t = ok[caption_video]
-            t, caption_video = t[keep_t], new_index[caption_video[keep_t]]
-            f, m = f[keep_v], m[keep_v]
+        (t, f, m), caption_video, num_bad = drop_unreadable(split, t, (f, m), ok, self.cfg)
         report = {"num_texts": int(t.shape[0]), "num_videos": int(f.shape[0]), "num_skipped_videos": num_bad}
         return (t, f, m), caption_video, report
 
@@ -330,16 +228,9 @@ class EMCLNetTask(RetrievalTask):
 
     def score_rows(self, model: EMCLNet, features: tuple, policy: str) -> torch.Tensor:
         t, f, m = features
-        return score_matrix(
-            self.score_fn(model, policy),
-            t,
-            f,
-            m,
-            mode=policy,
-            block=self.cfg.eval_block_size,
-            rank=self.info.rank,
-            world_size=self.info.world_size,
-        )
+        info = self.info
+        return score_matrix(self.score_fn(model, policy), t, f, m, mode=policy,
+                            block=self.cfg.eval_block_size, rank=info.rank, world_size=info.world_size)
 
     def after_training(self, out: Path) -> Path | None:
         from emcl.viz.curves import draw_curves

@@ -364,9 +364,9 @@ def load_split(cfg: argparse.Namespace):
 @torch.no_grad()
 def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     """Encode a split with a CLIP2Video checkpoint: main vectors and TAB vectors of every text and video."""
+    from emcl.amp import autocast
     from emcl.data.datasets import TextDataset, VideoDataset
     from emcl.data.loader import build_loader, rank_subset
-    from emcl.amp import autocast
 
     from .clip2video import checkpoint_path, load_clip2video
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from emcl import dist
+from emcl.amp import autocast
 from emcl.data.annotations import RetrievalSplit
 from emcl.data.expert_datasets import (
     CaptionDataset,
@@ -40,7 +41,6 @@ from emcl.errors import UserError, cli_main
 from emcl.loss import hinge_topk
 from emcl.metrics import format_table, t2v_metrics, v2t_metrics
 from emcl.scoring import EVAL_POLICIES, embedding_score_matrix
-from emcl.amp import autocast
 from emcl.train.runner import Task, run
 
 from .mmt import MMT, pair_scores
