@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from emcl.errors import UserError
@@ -23,3 +26,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # corrupt or foreign file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def random_states() -> dict[str, Any]:
+    """This process's random states: Python, NumPy, torch's CPU generator and every CUDA device's. Saved
+    in ``checkpoint_last.pt`` so that a resumed run draws what the uninterrupted run drew (dropout)."""
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    """Undo :func:`random_states`: the generators continue where the checkpointed run left them."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])

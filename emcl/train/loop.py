@@ -23,7 +23,7 @@ from emcl import dist
 from emcl.amp import autocast
 from emcl.errors import UserError
 from emcl.fileio import save_json, save_torch
-from emcl.train.checkpoint import load_checkpoint
+from emcl.train.checkpoint import load_checkpoint, random_states, restore_random_states
 from emcl.train.finite import check_finite_steps, check_finite_weights
 from emcl.train.settings import check_settings, config_dict, saved_config
 from emcl.train.sources import check_skip_fraction
@@ -36,8 +36,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, best: dict, cfg) -> dict[str, Any]:
+def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, best: dict, cfg,
+                     rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds: the weights, optimiser and schedule, where training stands, the selection
+    state, the settings, the task's name and (``checkpoint_last.pt``) every rank's random states."""
     return {
+        "task": getattr(cfg, "task", None),
+        "rng": rng,
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -231,11 +236,24 @@ def _resume_training(
         unwrap(model).load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
+        _restore_rng(ck.get("rng"), info, last)
         log.info("resumed from %s at epoch %d, step %d", last, ck["epoch"], ck["step"])
         return ck["epoch"], ck["step"], ck["best"], str(last)
     if cfg.resume:
         log.warning("--resume: no %s yet, starting from scratch", last)
     return 0, 0, {}, None
+
+
+def _restore_rng(states: list[dict[str, Any]] | None, info: dist.DistInfo, last: Path) -> None:
+    """This rank's random states as the checkpoint saved them, so the next epoch's dropout draws what an
+    uninterrupted run draws. A checkpoint without them, or of another number of processes, only warns."""
+    if states is None:
+        log.warning("%s holds no random states: the resumed run draws other dropout masks", last)
+    elif len(states) != info.world_size:
+        log.warning("%s was written by %d process(es), not %d: random states not restored", last,
+                    len(states), info.world_size)
+    else:
+        restore_random_states(states[info.rank])
 
 
 def _train_epoch(
@@ -382,8 +400,9 @@ def _end_epoch(task: Task, cfg: argparse.Namespace, model: nn.Module, info: dist
     _select_epoch(task, cfg, model, info, out, tr, epoch, record)
     tr.history.append(record)
     tr.best.update(history=tr.history, skipped_ids=sorted(tr.skipped_all))
+    rng = dist.all_gather_object_list(random_states())  # every rank's, in rank order
     if info.is_main:
-        state = checkpoint_state(model, tr.optimizer, tr.scheduler, epoch + 1, tr.step, tr.best, cfg)
+        state = checkpoint_state(model, tr.optimizer, tr.scheduler, epoch + 1, tr.step, tr.best, cfg, rng)
         save_torch(state, tr.last)
         progress = {
             "finished": False,
