@@ -39,8 +39,13 @@ def check_finite_steps(first_bad: torch.Tensor, epoch: int, cfg: argparse.Namesp
     if bad >= 0:
         raise NonFiniteError(
             f"non-finite loss or gradient at epoch {epoch + 1}, step {bad} (--lr {cfg.lr:g}); the run "
-            "stopped before saving that state. Lower --lr, check --temp and the inputs"
+            f"stopped before saving that state. Lower --lr, check {_temp(cfg)}the inputs"
         )
+
+
+def _temp(cfg: argparse.Namespace) -> str:
+    """The frame-pooling temperature is worth checking only in a task that has one (not MMT)."""
+    return "--temp and " if hasattr(cfg, "temp") else ""
 
 
 def check_finite_weights(model: torch.nn.Module, epoch: int, step: int, cfg: argparse.Namespace) -> None:
