@@ -63,8 +63,8 @@ class LoadedRun:
         fn = getattr(self.task, name, None)
         if fn is None or getattr(type(self.task), name, None) is getattr(Task, name, None):
             raise UserError(
-                f"{self.checkpoint}: a checkpoint of task '{self.task.name}', which has no {name}: "
-                "this tool reads EMCL-Net runs"
+                f"{self.checkpoint} is a checkpoint of task '{self.task.name}', not of EMCL-Net "
+                f"('retrieval'): this tool reads EMCL-Net runs (it needs the task's {name})"
             )
         return fn
 
