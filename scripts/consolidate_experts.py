@@ -14,10 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from emcl.data.experts import consolidate_experts
+from emcl.data.experts import consolidate_experts, parse_experts
 from emcl.errors import cli_main
 from emcl.train.config import load_yaml
-from video_retrieval.joint_training.main_task_joint import parse_experts
 
 
 def main(argv: list[str] | None = None) -> dict:

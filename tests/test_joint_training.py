@@ -265,10 +265,10 @@ def test_meanp_scores_are_cosines_of_mean_pooled_frames_after_em():
 def test_steplr_per_epoch_as_a_per_step_schedule_and_the_baseline_normalises():
     from argparse import Namespace
 
-    from video_retrieval.joint_training.main_task_joint import _normalize, build_optimizer
+    from video_retrieval.joint_training.main_task_joint import TASK, _normalize
 
-    cfg = Namespace(lr=5e-5, weight_decay=0.0, gamma=0.9)
-    opt, sched = build_optimizer(torch.nn.Linear(2, 2), cfg, total_steps=9, steps_per_epoch=3)
+    task = TASK(Namespace(lr=5e-5, weight_decay=0.0, gamma=0.9), None)
+    opt, sched = task.build_optimizer(torch.nn.Linear(2, 2), total_steps=9, steps_per_epoch=3)
     lrs = []
     for _ in range(9):
         lrs.append(opt.param_groups[0]["lr"])
@@ -280,3 +280,29 @@ def test_steplr_per_epoch_as_a_per_step_schedule_and_the_baseline_normalises():
     assert _normalize(Namespace(normalize_experts="auto", use_emcl=0))
     assert not _normalize(Namespace(normalize_experts="auto", use_emcl=1))
     assert _normalize(Namespace(normalize_experts="1", use_emcl=1))
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--margin", "-1", "-1 is out of range (a number >= 0)"),
+        ("--lamd", "0", "0 is out of range (a number > 0)"),
+        ("--beta", "-3", "-3 is out of range (a number >= 0)"),
+        ("--gamma", "0", "0 is out of range (a number > 0)"),
+    ],
+)
+def test_out_of_range_flags_are_refused_naming_the_flag(flag, value, expected, tmp_path):
+    import contextlib
+    import io
+
+    from emcl.errors import cli_main
+    from video_retrieval.joint_training.main_task_joint import main
+
+    err = io.StringIO()
+    argv = ["--config", str(ROOT / "configs/mmt_synthetic.yaml"), "--output_dir", str(tmp_path / "o")]
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
+        cli_main(main, [*argv, flag, value])
+    assert e.value.code == 2
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip() and not ln.startswith(("usage:", " "))]
+    assert len(lines) == 1 and lines[0].endswith(f"error: argument {flag}: {expected}"), err.getvalue()
+    assert not (tmp_path / "o").exists()  # stopped while parsing

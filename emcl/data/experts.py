@@ -17,7 +17,8 @@ its start and end.
 
 :func:`consolidate_experts` writes every video of a folder into one HDF5 file (layout in its
 docstring) so training reads one file instead of opening 10k; :class:`ExpertStore` reads either form
-and returns the same :class:`VideoExperts` records.
+and returns the same :class:`VideoExperts` records. :func:`parse_experts` reads an ``--experts`` list,
+:class:`ExpertSplits` a dataset's split lists over one store.
 """
 
 from __future__ import annotations
@@ -73,6 +74,29 @@ LSMDC_DROPPED = (
     "1018_Body_Of_Lies_00.42.15.677-00.42.18.534",
     "1037_The_Curious_Case_Of_Benjamin_Button_02.25.14.743-02.25.17.312",
 )
+
+
+def parse_experts(value: str | Mapping[str, int]) -> dict[str, int]:
+    """The experts in modality order with their dimensions: ``s3d:1024,vggish:128``, or a mapping (a YAML
+    ``experts:`` block); a bare name takes the reference's dimension (:data:`EXPERT_DIMS`)."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        items = []
+        for part in str(value).split(","):
+            name, _, dim = part.strip().partition(":")
+            items.append((name, dim or EXPERT_DIMS.get(name)))
+    out = {}
+    for name, dim in items:
+        if dim is None:
+            raise UserError(
+                f"--experts: expert '{name}' needs a dimension (name:dim); known defaults: "
+                f"{', '.join(f'{k}:{v}' for k, v in EXPERT_DIMS.items())}"
+            )
+        out[str(name)] = int(dim)
+    if not out:
+        raise UserError("--experts: no expert given")
+    return out
 
 
 class ExpertFormatError(UserError, ValueError):
@@ -413,6 +437,31 @@ class ExpertStore:
         return counts
 
 
+def find_store(anno_path: str | os.PathLike) -> Path:
+    """The expert store next to a dataset's split lists: ``experts.h5`` in ``anno_path``, else the
+    published per-video folder (``vid_feat_files/mult_h5`` beside or inside it)."""
+    root = Path(anno_path)
+    cands = [
+        root / "experts.h5",
+        root.parent / "vid_feat_files" / "mult_h5",
+        root / "vid_feat_files" / "mult_h5",
+    ]
+    found = next((c for c in cands if c.exists()), None)
+    if found is None:
+        raise UserError(f"--features not given and none of {', '.join(map(str, cands))} exists")
+    return found
+
+
+def missing_summary(counts: Mapping[str, Mapping[str, int]]) -> str:
+    """``face 42 (absent 26, empty 7, nan 9), ...`` from :meth:`ExpertStore.missing_counts`; "none"."""
+    parts = [
+        f"{e} {sum(c.values())} ({', '.join(f'{k} {v}' for k, v in c.items() if v)})"
+        for e, c in counts.items()
+        if sum(c.values())
+    ]
+    return ", ".join(parts) or "none"
+
+
 # ----------------------------------------------------------------------------------------------- splits
 MMT_DATATYPES = ("msrvtt", "lsmdc", "activitynet")
 
@@ -500,3 +549,37 @@ def load_expert_split(
             captions.append(" ".join(c))
             caption_video.append(i)
     return RetrievalSplit(datatype, split, ids, captions, caption_video, files={"features": str(store.path)})
+
+
+class ExpertSplits:
+    """A dataset's split lists (``datatype`` in ``anno_path``) over one expert store; each split is
+    parsed once."""
+
+    def __init__(
+        self,
+        datatype: str,
+        anno_path: str | os.PathLike,
+        features: str | os.PathLike,
+        experts: Mapping[str, int],
+        in_memory: bool = False,
+    ) -> None:
+        self.datatype, self.anno_path = datatype, anno_path
+        self.store = ExpertStore(features, experts, in_memory=in_memory)
+        self._splits: dict[str, RetrievalSplit] = {}
+
+    def __getitem__(self, split: str) -> RetrievalSplit:
+        if split not in self._splits:
+            self._splits[split] = load_expert_split(self.datatype, self.anno_path, split, self.store)
+        return self._splits[split]
+
+    def missing(self, split: str) -> dict[str, dict[str, int]]:
+        """Per expert, the videos of ``split`` without it, by reason (absent / empty / nan)."""
+        return self.store.missing_counts(self[split].video_ids)
+
+    def describe(self, split: str) -> str:
+        """``train: 500 videos, 1500 captions; missing experts: face 42 (absent 26, ...), ...``."""
+        s = self[split]
+        return (
+            f"{self.datatype}/{split}: {s.num_videos} videos, {s.num_captions} captions; missing experts "
+            f"(kept at their text weight, as the reference): {missing_summary(self.missing(split))}"
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 
 import h5py
@@ -219,3 +220,16 @@ def make_synthetic_experts(
     make_tiny_bert(paths["bert"], sorted(all_words), hidden=bert_hidden, layers=bert_layers, seed=seed)
     save_json({"settings": settings}, done)
     return paths
+
+
+def prepare_synthetic_experts(out: str | Path, experts: Mapping[str, int], **settings) -> dict[str, str]:
+    """:func:`make_synthetic_experts` into ``out``, then its features consolidated into ``out/experts.h5``
+    for ``experts`` (unless a store newer than the dataset is there). Returns the paths, ``store`` added."""
+    from emcl.data.experts import consolidate_experts
+
+    out = Path(out)
+    paths = make_synthetic_experts(out, **settings)
+    store = out / "experts.h5"
+    if not store.is_file() or store.stat().st_mtime < (out / "done.json").stat().st_mtime:
+        consolidate_experts(paths["features"], store, dict(experts))
+    return {**paths, "store": str(store)}

@@ -15,12 +15,14 @@ L2-normalised), in float32 with autocast off.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from emcl.em import EMCL, em_reconstruct
+from emcl.errors import UserError
 
 
 class ContextGating(nn.Module):
@@ -91,6 +93,28 @@ class VideoEncoder(nn.Module):
         pos = positions.clamp(0, self.max_position - 1).long()
         h = self.dropout(self.norm(feats + self.position(pos) + self.token_type(types)))
         return self.encoder(h, src_key_padding_mask=mask == 0)
+
+
+def load_bert(path: str | None, dropout: float) -> nn.Module:
+    """The text BERT from a local folder (config.json, weights, vocab.txt), without its pooler; nothing is
+    downloaded."""
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    if not path or not Path(path).is_dir():
+        raise UserError(
+            f"--bert_path {path!r}: a local BERT folder (config.json, weights, vocab.txt) "
+            "is needed; nothing is downloaded"
+        )
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # the unused pooler's "unexpected keys" report is noise here
+    return BertModel.from_pretrained(
+        path,
+        local_files_only=True,
+        add_pooling_layer=False,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
 
 
 def _bert_init(m: nn.Module) -> None:
