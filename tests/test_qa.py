@@ -241,3 +241,55 @@ def test_run_metrics_two_processes_and_eval_only_reproduction(qa_data: Path, tmp
     e = json.loads((ev / "metrics.json").read_text())
     for key in ("accuracy", "accuracy_filtered", "per_type", "oov_count", "majority_baseline"):
         assert e["test"][key] == test[key], key
+
+
+# ------------------------------------------------------------------------------------ task and data
+def test_settings_kinds_are_declared_with_the_flags() -> None:
+    from video_question_answering.main_task_qa import QATask
+
+    assert set(QATask.arch_keys()) == {"centerK", "clip_config", "clip_path", "hidden_dim", "proj_dim",
+                                       "temporal_layers", "use_emcl"}
+    assert set(QATask.score_keys()) == {"image_size", "max_frames", "max_words", "video_framerate"}
+    assert set(QATask.experiment_keys()) == {
+        "anno_path", "batch_size", "beta", "coef_lr", "dropout", "em_init", "faithful",
+        "freeze_clip_embeddings", "image_size", "lamd", "lr", "max_frames", "max_grad_norm", "max_words",
+        "momentum", "nce_weight", "optimizer", "per_tensor_clip", "seed", "stage_num", "video_framerate",
+        "video_path", "warmup_proportion", "weight_decay"}  # fmt: skip
+
+
+def test_datasets_leave_out_of_vocabulary_questions_and_check_data_names_missing_videos(
+    qa_data: Path, tmp_path: Path, caplog
+) -> None:
+    import logging
+    import shutil
+
+    from emcl.data.qa_datasets import QATrainDataset, QuestionDataset, ans2label, qa_split, qa_tokens
+    from emcl.data.sources import VideoSource
+    from emcl.train.runner import parse
+    from video_question_answering.main_task_qa import QATask
+
+    anno = str(qa_data / "annotations")
+    qa, vocab = qa_split(anno, "train"), ans2label(anno)
+    ids, mask = qa_tokens(anno, "train", 16)
+    source = VideoSource(str(qa_data / "videos"), framerate=2.0, max_frames=4, size=32)
+    with caplog.at_level(logging.WARNING, logger="emcl.data"):
+        ds = QATrainDataset(qa, source, ids, mask, vocab)
+    assert ds.num_oov == sum(r.answer not in vocab for r in qa.records) > 0
+    assert len(ds) + ds.num_oov == len(qa.records) and "left out of training" in caplog.text
+    item, first = ds[0], int(ds.index[0])
+    assert int(item["label"]) == vocab[qa.records[first].answer] and torch.equal(item["text_ids"], ids[first])
+    assert item["frames"].shape == (4, 3, 32, 32)
+    questions = QuestionDataset(qa, ids, mask)
+    assert len(questions) == len(qa.records) and int(questions[7]["video_index"]) == qa.record_video[7]
+
+    videos = tmp_path / "videos"  # one test video missing
+    shutil.copytree(qa_data / "videos", videos)
+    gone = qa_split(anno, "test").video_ids[0]
+    (videos / f"{gone}.mp4").unlink()
+    cfg = parse(QATask, flags(qa_data, tmp_path / "run", "--video_path", str(videos), "--skip_bad_videos",
+                              "--max_skip_fraction", "0.5"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="emcl.data"):
+        QATask(cfg, None).check_data(["test"])
+    assert f"msrvtt_qa/test: 1 missing or empty video(s) whose questions are skipped in training and count " \
+           f"as wrong in evaluation: {gone}" in caplog.text
