@@ -41,8 +41,8 @@ from emcl.metrics import format_qa_table, qa_accuracy
 from emcl.train.config import fraction, nonneg_float, nonneg_int, positive_int
 from emcl.train.flags import em_group, flag, frame_group, group
 from emcl.train.optim import build_optimizer, build_scheduler, param_groups
-from emcl.train.runner import check_skip_fraction, run
-from emcl.train.sources import check_split_videos, prepare_synthetic, video_source
+from emcl.train.runner import run
+from emcl.train.sources import check_skip_fraction, check_split_videos, prepare_synthetic, video_source
 from emcl.train.task import Task
 
 from .model import EMCLQA
