@@ -17,14 +17,17 @@ Embeddings come from one of three sources:
         --output_dir runs/x_infer
 
 Runs under torchrun too (features and score rows are shared by the ranks). The defaults reproduce the
-reference: EMCL with K=7, T=10, lambda=0.1, beta=4 on ``[64 videos' vectors; 64 texts' vectors]`` of each
-64 x 64 block (policy ``paper``), mu = the seed-42 ``upstream`` draw, never updated, Y not renormalised,
-score ``t . v`` on Y; CLIP2Video fuses it 0.5 / 0.5 with its TAB score. ``--eval_block query`` runs EM once
-per text over all videos instead (scores independent of blocking and order).
+reference: EMCL with K=7 (``--centerK``, or ``--K``), T=10, lambda=0.1, beta=4 on ``[64 videos' vectors;
+64 texts' vectors]`` of each 64 x 64 block (policy ``paper``), mu = the seed-42 ``upstream`` draw, never
+updated, Y not renormalised, score ``t . v`` on Y; CLIP2Video fuses it 0.5 / 0.5 with its TAB score
+(``--tab_centers`` centres). ``--eval_block query`` runs EM once per text over all videos instead (scores
+independent of blocking and order).
 
 Outputs in ``--output_dir``: ``metrics.json`` (``without_emcl`` / ``with_emcl``: ``t2v``, ``v2t`` and their
 DSL rows with R@1/5/10/50, MdR, MnR; the settings), ``results.md`` (the table), ``inference.log``; with
-``--save_embeddings 1`` the embeddings as .npy; with ``--sweep`` ``sweep.csv`` and ``sweep.png``.
+``--save_embeddings 1`` the embeddings as .npy; with ``--sweep`` ``sweep.csv`` and ``sweep.png``. The run
+loop, the output folder's lock and ``metrics.json`` are :mod:`emcl.train.runner`'s; the scores are in
+``scores.py``, the report in ``report.py``, the sweep in ``sweep.py``.
 """
 
 from __future__ import annotations
