@@ -703,6 +703,14 @@ def test_shipped_config_parses_with_reference_defaults():
     assert defaults.batch_size_val == 64 and defaults.eval_block_size == 64
 
 
+def test_output_dir_from_the_command_line_or_the_config(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'from_config'}\n")
+    assert _parse(["--config", str(config), "--text_emb", "T"]).output_dir == str(tmp_path / "from_config")
+    with pytest.raises(UserError, match="--output_dir is required"):
+        _parse(["--text_emb", "T"])
+
+
 def test_em_bases_are_center_k_with_k_as_other_name(tmp_path, capsys):
     """``--centerK`` is the number of EM bases, as in the trainers; ``--K`` (and a config key ``K``) is
     another name of it; CLIP2Video's TAB centres are ``--tab_centers``."""

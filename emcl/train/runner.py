@@ -95,6 +95,8 @@ def parse(
     cfg.task = task.name
     cfg.task_module = task.module
     if not task.trains:
+        if not cfg.output_dir:
+            raise UserError("--output_dir is required (on the command line or in the config file)")
         task.check_flags(cfg)
         return cfg
     if "do_eval" in cfg._explicit and cfg.do_eval and "do_train" not in cfg._explicit:
