@@ -108,8 +108,8 @@ def _task_of(config: Path):
     import importlib
 
     if config.name.startswith("inference"):
-        return None  # the inference module has no run loop (tests/test_inference_module.py checks it)
-    if config.name.startswith("mmt_"):
+        module = "video_retrieval.inference_module.main_task_inference"
+    elif config.name.startswith("mmt_"):
         module = "video_retrieval.joint_training.main_task_joint"
     elif "qa" in config.stem.split("_"):
         module = "video_question_answering.main_task_qa"
@@ -126,9 +126,29 @@ def test_shipped_configs_pass_validation():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         task = _task_of(path)
         if task is not None:
-            parse_args(build_parser(task), ["--config", str(path)], task.config_blocks)
+            parse_args(build_parser(task), ["--config", str(path), "--output_dir", "out"], task.config_blocks)
             checked += 1
     assert checked >= 10
+
+
+def test_config_keys_may_use_an_options_other_name(tmp_path):
+    """A key may be any long name of an option (as on the command line); two names of one option are an
+    error naming both."""
+    import argparse
+
+    from emcl.train.config import parse_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    parser.add_argument("--centerK", "--K", type=int, default=7)
+    path = tmp_path / "c.yaml"
+    path.write_text("K: 3\n")
+    args = parse_args(parser, ["--config", str(path)])
+    assert args.centerK == 3 and args._config_keys == {"centerK"} and not hasattr(args, "K")
+    assert parse_args(parser, ["--config", str(path), "--centerK", "4"]).centerK == 4
+    path.write_text("centerK: 5\nK: 3\n")
+    with pytest.raises(UserError, match=r"'centerK' and 'K' both set --centerK \(they name the same"):
+        parse_args(parser, ["--config", str(path)])
 
 
 def test_check_keys_for_nested_config_sections():

@@ -682,15 +682,53 @@ def test_clip2video_under_torchrun_matches_one_process(clip2video_case, tmp_path
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from emcl.train.runner import parse
+
+    return parse(inference.TASK, argv)
+
+
 def test_shipped_config_parses_with_reference_defaults():
     config = str(REPO / "configs" / "inference_clip2video.yaml")
-    cfg = inference.parse(
-        ["--config", config, "--checkpoint", "CK", "--model_num", "2", "--output_dir", "out"]
-    )
-    got = (cfg.K, cfg.stage_num, cfg.lamd, cfg.beta, cfg.seed, cfg.eval_block, cfg.eval_block_size)
+    cfg = _parse(["--config", config, "--checkpoint", "CK", "--model_num", "2", "--output_dir", "out"])
+    got = (cfg.centerK, cfg.stage_num, cfg.lamd, cfg.beta, cfg.seed, cfg.eval_block, cfg.eval_block_size)
     assert got == (7, 10, 0.1, 4, 42, "paper", 64)
-    assert (cfg.centerK, cfg.center_weight, cfg.max_frames, cfg.feature_framerate) == (5, 0.5, 12, 2)
+    assert (cfg.tab_centers, cfg.center_weight, cfg.max_frames, cfg.feature_framerate) == (5, 0.5, 12, 2)
     assert cfg.source == "clip2video"
+    defaults = _parse(["--text_emb", "T", "--output_dir", "out"])
+    got = (defaults.centerK, defaults.stage_num, defaults.lamd, defaults.beta, defaults.em_init)
+    assert got == (7, 10, 0.1, 4.0, "upstream") and defaults.tab_centers == 5
+    frames = (defaults.workers, defaults.video_framerate, defaults.max_frames, defaults.max_words)
+    assert frames == (2, 2.5, 12, 32)
+    assert defaults.batch_size_val == 64 and defaults.eval_block_size == 64
+
+
+def test_output_dir_from_the_command_line_or_the_config(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'from_config'}\n")
+    assert _parse(["--config", str(config), "--text_emb", "T"]).output_dir == str(tmp_path / "from_config")
+    with pytest.raises(UserError, match="--output_dir is required"):
+        _parse(["--text_emb", "T"])
+
+
+def test_em_bases_are_center_k_with_k_as_other_name(tmp_path, capsys):
+    """``--centerK`` is the number of EM bases, as in the trainers; ``--K`` (and a config key ``K``) is
+    another name of it; CLIP2Video's TAB centres are ``--tab_centers``."""
+    base = ["--text_emb", "T", "--output_dir", "out"]
+    assert _parse([*base, "--K", "3"]).centerK == 3 == _parse([*base, "--centerK", "3"]).centerK
+    assert _parse([*base, "--tab_centers", "4"]).tab_centers == 4
+    old = tmp_path / "old.yaml"
+    old.write_text("K: 3\n")
+    assert _parse([*base, "--config", str(old)]).centerK == 3
+    old.write_text("K: 7\ncenterK: 5\n")  # the former meaning of centerK (TAB centres) beside K
+    with pytest.raises(UserError, match="'K' and 'centerK' both set --centerK"):
+        _parse([*base, "--config", str(old)])
+    with pytest.raises(SystemExit):
+        _parse([*base, "--K", "0"])
+    assert "--centerK/--K: 0 is out of range" in capsys.readouterr().err
+    with pytest.raises(UserError, match="give exactly one source"):
+        _parse(["--text_emb", "T", "--emcl_net_checkpoint", "C", "--output_dir", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()  # refused before the output folder is touched
 
 
 # ------------------------------------------------------------------ output folder: lock, refusal, cleanup
@@ -745,7 +783,32 @@ def test_busy_folder_and_earlier_results_are_refused(tmp_path):
     assert not (out / "sweep.csv").exists() and (out / "metrics.json").is_file()
 
 
+def test_a_trainers_folder_is_refused_and_overwrite_keeps_its_checkpoint(tmp_path):
+    """A folder holding a training run's results (metrics.json, a checkpoint) is refused with one line and
+    left as it was; ``--overwrite`` replaces the inference result files only, never the checkpoint."""
+    out = tmp_path / "trained"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"finished": True, "task": "retrieval", "test": {}}))
+    torch.save({"model": {"w": torch.ones(3)}}, out / "checkpoint_best.pt")
+    (out / "train.log").write_text("epoch 1 done\n")
+    (out / "config.yaml").write_text("task: retrieval\n")
+    before = _digest(out)
+    code, err = _cli(_files_args(tmp_path, out))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: output folder {out} already holds a finished run") and "--overwrite" in err
+    assert _digest(out) == before
+    assert _cli(_files_args(tmp_path, out, "--overwrite"))[0] == 0
+    after = _digest(out)
+    for kept in ("checkpoint_best.pt", "train.log"):
+        assert after[kept] == before[kept]
+    assert after["metrics.json"] != before["metrics.json"]
+    assert json.loads((out / "metrics.json").read_text())["task"] == "inference"
+    assert {"results.md", "inference.log", "config.yaml"} <= set(after)
+
+
 def test_process_group_and_lock_released_on_error(tmp_path, monkeypatch):
+    """A bad embedding file found inside the evaluation (after the lock and the process group): the lock
+    is released, the process group torn down, and the next run can use the folder."""
     from emcl import dist
 
     calls = []
@@ -755,5 +818,18 @@ def test_process_group_and_lock_released_on_error(tmp_path, monkeypatch):
     args = _files_args(tmp_path, out)
     np.save(tmp_path / "V.npy", np.zeros((39, 16), np.float32))  # one video short of the 40 texts
     code, err = _cli(args)
-    assert code == 2 and "error:" in err
-    assert calls == [1] and not (out / ".run.lock").exists()
+    assert code == 2 and "error:" in err and "--caption_video" in err
+    assert (out / "inference.log").is_file()  # the run had started: the error came from the evaluation
+    assert calls == [1] and not (out / ".run.lock").exists() and not (out / "metrics.json").exists()
+    assert _cli(_files_args(tmp_path, out))[0] == 0  # the next run takes the folder, no --overwrite needed
+    assert calls == [1, 1] and (out / "metrics.json").is_file() and not (out / ".run.lock").exists()
+
+
+def test_a_failed_sweep_keeps_the_main_result(tmp_path):
+    out = tmp_path / "sweep"
+    code, err = _cli(_files_args(tmp_path, out, "--sweep", "--sweep_lamd", "0.1,0"))
+    assert code == 2 and "--sweep_lamd: lambda must be positive" in err
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["finished"] is True and saved["task"] == "inference" and "sweep" not in saved
+    assert set(saved["with_emcl"]) == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}
+    assert not (out / ".run.lock").exists()

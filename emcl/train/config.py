@@ -167,6 +167,25 @@ def _unknown_message(source: str, unknown: list[str], known: Iterable[str]) -> s
     return f"config {source}: {_unknown_keys(unknown, known, 'option(s)')}"
 
 
+def _alias_keys(data: dict[str, Any], parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
+    """A config's keys by the options' ``dest``: a key may be any long name of an option, as on the command
+    line (``K`` for ``--centerK`` where ``--K`` is its other name); two keys naming one option are an
+    error."""
+    dests = {a.dest for a in parser._actions}
+    alias = {s[2:]: a.dest for a in parser._actions for s in a.option_strings
+             if s.startswith("--") and s[2:] != a.dest and s[2:] not in dests}
+    out: dict[str, Any] = {}
+    named: dict[str, str] = {}
+    for key, value in data.items():
+        dest = alias.get(key, key)
+        if dest in named:
+            raise UserValueError(f"config {source}: {named[dest]!r} and {key!r} both set --{dest} "
+                                 f"(they name the same option): keep one")
+        named[dest] = key
+        out[dest] = value
+    return out
+
+
 def parse_args(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None = None,
@@ -174,10 +193,11 @@ def parse_args(
 ) -> argparse.Namespace:
     """Parse ``argv``; values from ``--config FILE.yaml`` become the defaults that flags override.
 
-    Keys of the file must be flag names (without dashes) or one of ``extra_keys`` (nested settings such
-    as a model config); anything else is an error naming the file and the key. Each value is validated
-    as the command line validates it (``type``, ``choices``, booleans for ``store_true`` flags): a bad one
-    is a :class:`UserError` naming the file and the key. Abbreviated flags are refused.
+    Keys of the file must be flag names (without dashes; any of an option's long names) or one of
+    ``extra_keys`` (nested settings such as a model config); anything else is an error naming the file
+    and the key. Each value is validated as the command line validates it (``type``, ``choices``,
+    booleans for ``store_true`` flags): a bad one is a :class:`UserError` naming the file and the key.
+    Abbreviated flags are refused.
     """
     parser.allow_abbrev = False
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -187,7 +207,7 @@ def parse_args(
     extras: dict[str, Any] = {k: None for k in extra_keys}
     config_keys: set[str] = set()
     if known.config:
-        data = load_yaml(known.config)
+        data = _alias_keys(load_yaml(known.config), parser, known.config)
         actions = {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, "help")}
         unknown = sorted(str(k) for k in set(data) - set(actions) - set(extra_keys))
         if unknown:

@@ -104,8 +104,9 @@ def keys_of(groups: Iterable[Group], kind: str) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------------- shared groups
 def run_group(output_dir: str | None = "runs/emcl") -> Group:
-    """Where results go and how the process runs: every entry point."""
-    out = {"default": output_dir} if output_dir else {"required": True}
+    """Where results go and how the process runs: every entry point. ``output_dir=None``: no default, the
+    run loop asks for one (the command line or the config file may give it)."""
+    out = {"default": output_dir, "help": None if output_dir else "required (here or in --config)"}
     return group(
         "run",
         flag("--config", default=None, help="YAML file of option defaults; flags given here override it"),

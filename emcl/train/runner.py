@@ -40,7 +40,7 @@ from emcl.train.logs import setup_logging
 from emcl.train.loop import load_resume_checkpoint, train
 from emcl.train.outdir import RESULT_FILES, check_output_dir
 from emcl.train.settings import check_settings, config_dict, saved_config, setting_diffs, state_dict_mismatch
-from emcl.train.task import Task
+from emcl.train.task import EvalOnlyTask, Task
 
 __all__ = ["Task", "build_parser", "config_dict", "explicit_flags", "parse", "prepare_output", "run"]
 
@@ -90,6 +90,9 @@ def parse(
     cfg.task = task.name
     cfg.task_module = task.module
     if not task.trains:
+        if not cfg.output_dir:
+            raise UserError("--output_dir is required (on the command line or in the config file)")
+        task.check_flags(cfg)
         return cfg
     if "do_eval" in cfg._explicit and cfg.do_eval and "do_train" not in cfg._explicit:
         cfg.do_train = 0
@@ -99,6 +102,7 @@ def parse(
         raise UserError("--do_eval 1 without training needs --init_model CHECKPOINT")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one")
+    task.check_flags(cfg)
     return cfg
 
 
@@ -218,12 +222,13 @@ def _setup(task: Task, cfg: argparse.Namespace, info: dist.DistInfo) -> None:
     _all_ranks(task.prepare_data, info)
 
 
-def _evaluate_only(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) -> dict[str, Any]:
+def _evaluate_only(task: EvalOnlyTask, cfg: argparse.Namespace, info: dist.DistInfo,
+                   out: Path) -> dict[str, Any]:
     """An eval-only task: one evaluation; ``config.yaml`` and ``metrics.json`` written by rank 0."""
     _setup(task, cfg, info)
     if info.is_main:
         save_yaml(config_dict(cfg), out / "config.yaml")
-    metrics = {"finished": True, "task": task.name, **task.evaluate(None, "test")}
+    metrics = task.metrics(task.evaluate(None, "test"))
     task.write_metrics(metrics)
     dist.barrier()
     return metrics

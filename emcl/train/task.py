@@ -108,6 +108,11 @@ class Task:
     def experiment_keys(cls) -> tuple[str, ...]:
         return cls.keys(EXPERIMENT)
 
+    @classmethod
+    def check_flags(cls, cfg: argparse.Namespace) -> None:
+        """Settings that contradict each other: a :class:`~emcl.errors.UserError` right after parsing,
+        before the output folder is touched; may fill in what they imply."""
+
     # ------------------------------------------------------------------------------------- data
     def prepare_data(self) -> None:
         """Fill in what the settings leave open (e.g. generate the synthetic dataset); every rank."""
@@ -192,3 +197,8 @@ class EvalOnlyTask(Task):
 
     trains = False
     common_groups = (run_group(output_dir=None), precision_group(compile=False))
+
+    def metrics(self, results: dict[str, Any]) -> dict[str, Any]:
+        """``metrics.json`` of a finished evaluation; ``write_metrics(metrics(part))`` may save a result
+        early (e.g. before a long sweep that might fail)."""
+        return {"finished": True, "task": self.name, **results}

@@ -286,16 +286,10 @@ def save_embeddings(emb: Embeddings, out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-def _assemble(
-    parts: list[torch.Tensor], idx: torch.Tensor, n: int, tail: tuple[int, ...], device: torch.device
-) -> torch.Tensor:
-    """Every rank's rows, put back in dataset order."""
-    x = torch.cat(parts) if parts else torch.empty((0, *tail), device=device)
-    return dist.gather_in_order(x, idx, n)
-
-
-def _drop_invalid(emb: Embeddings, ok: torch.Tensor, video_ids: list[str]) -> Embeddings:
-    """Leave unreadable videos (only with --skip_bad_videos) and their captions out, and say so."""
+def _drop_invalid(emb: Embeddings, ok: torch.Tensor, video_ids: list[str], cfg: argparse.Namespace,
+                  what: str) -> Embeddings:
+    """Leave unreadable videos (only with --skip_bad_videos) and their captions out, and say so; more than
+    ``--max_skip_fraction`` of the split's videos stops the run, as in the trainers."""
     bad = (~ok).nonzero().flatten().tolist()
     if not bad:
         return emb
@@ -304,6 +298,9 @@ def _drop_invalid(emb: Embeddings, ok: torch.Tensor, video_ids: list[str]) -> Em
         len(bad),
         ", ".join(video_ids[i] for i in bad[:20]),
     )
+    from emcl.data.sources import SkipBudget
+
+    SkipBudget(len(video_ids), cfg.max_skip_fraction, what).add(sorted(video_ids[i] for i in bad))
     keep_v = ok.nonzero().flatten()
     new_index = torch.full(ok.shape, -1, dtype=torch.long, device=ok.device)
     new_index[keep_v] = torch.arange(len(keep_v), device=ok.device)
@@ -364,65 +361,53 @@ def load_split(cfg: argparse.Namespace):
 @torch.no_grad()
 def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
     """Encode a split with a CLIP2Video checkpoint: main vectors and TAB vectors of every text and video."""
-    from emcl.amp import autocast
     from emcl.data.datasets import TextDataset, VideoDataset
     from emcl.data.loader import build_loader, rank_subset
+    from emcl.evaluation import encode_split
 
     from .clip2video import checkpoint_path, load_clip2video
 
     path = checkpoint_path(cfg.checkpoint or cfg.init_model, cfg.model_num if cfg.checkpoint else None)
     model = load_clip2video(
-        path, temporal_layers=cfg.temporal_layers, center_k=cfg.centerK, center_weight=cfg.center_weight
+        path, temporal_layers=cfg.temporal_layers, center_k=cfg.tab_centers, center_weight=cfg.center_weight
     )
     log.info("loaded CLIP2Video from %s (CLIP from the checkpoint)", path)
     model.to(info.device).eval()
     split = load_split(cfg)
     source = frame_source(cfg, model.clip.image_size)
-    device, d = info.device, model.clip.embed_dim
+    kw = dict(batch_size=cfg.batch_size_val, shuffle=False, seed=cfg.seed, distributed=False)
     texts = build_loader(
-        rank_subset(TextDataset(split, cfg.max_words), info.rank, info.world_size),
-        batch_size=cfg.batch_size_val,
-        shuffle=False,
-        seed=cfg.seed,
-        workers=0,
-        distributed=False,
+        rank_subset(TextDataset(split, cfg.max_words), info.rank, info.world_size), workers=0, **kw
     )
     videos = build_loader(
         rank_subset(
             VideoDataset(split, source, skip_bad_videos=cfg.skip_bad_videos), info.rank, info.world_size
         ),
-        batch_size=cfg.batch_size_val,
-        shuffle=False,
-        seed=cfg.seed,
         workers=cfg.workers,
-        distributed=False,
+        **kw,
     )
-    t, gt, ti = [], [], []
-    for b in texts:
-        with autocast(device, cfg.precision):
-            a, g = model.encode_text(b["text_ids"].to(device), b["text_mask"].to(device))
-        t.append(a)
-        gt.append(g)
-        ti.append(b["caption_index"].to(device))
-    v, gv, vi, ok = [], [], [], []
-    for k, b in enumerate(videos):
-        with autocast(device, cfg.precision):
-            a, g = model.encode_video(b["frames"].to(device), b["frame_mask"].to(device))
-        v.append(a)
-        gv.append(g)
-        vi.append(b["video_index"].to(device))
-        ok.append(b["valid"].to(device))
-        if info.is_main and (k + 1) % 10 == 0:
-            log.info("videos: %d/%d batches", k + 1, len(videos))
-    ti = dist.gather_tensors_no_grad(torch.cat(ti) if ti else torch.empty(0, dtype=torch.long, device=device))
-    vi = dist.gather_tensors_no_grad(torch.cat(vi) if vi else torch.empty(0, dtype=torch.long, device=device))
-    a_n, v_n = split.num_captions, split.num_videos
+    t, gt = encode_split(
+        texts,
+        lambda b: model.encode_text(b["text_ids"], b["text_mask"]),
+        split.num_captions,
+        info.device,
+        cfg.precision,
+        "caption_index",
+    )
+    v, gv, ok = encode_split(
+        _logged(videos, info),
+        lambda b: (*model.encode_video(b["frames"], b["frame_mask"]), b["valid"]),
+        split.num_videos,
+        info.device,
+        cfg.precision,
+        "video_index",
+    )
     emb = Embeddings(
-        text=_assemble(t, ti, a_n, (d,), device),
-        video=_assemble(v, vi, v_n, (d,), device),
-        caption_video=torch.tensor(split.caption_video, device=device),
-        tab_text=_assemble(gt, ti, a_n, (d,), device),
-        tab_video=_assemble(gv, vi, v_n, (d,), device),
+        text=t,
+        video=v,
+        caption_video=torch.tensor(split.caption_video, device=info.device),
+        tab_text=gt,
+        tab_video=gv,
         center_weight=cfg.center_weight,
         info={
             "source": "clip2video",
@@ -433,8 +418,15 @@ def from_clip2video(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
             "logit_scale": float(model.logit_scale),
         },
     )
-    okt = _assemble([o.to(torch.uint8) for o in ok], vi, v_n, (), device).bool()
-    return _drop_invalid(emb, okt, split.video_ids)
+    return _drop_invalid(emb, ok.bool(), split.video_ids, cfg, f"{cfg.datatype}/{cfg.split}")
+
+
+def _logged(loader: Any, info: dist.DistInfo) -> Any:
+    """The loader's batches, with a log line every 10 batches (rank 0)."""
+    for k, batch in enumerate(loader):
+        yield batch
+        if info.is_main and (k + 1) % 10 == 0:
+            log.info("videos: %d/%d batches", k + 1, len(loader))
 
 
 # Settings that change speed or memory, never the scores: today's defaults, not the checkpoint's.
@@ -450,11 +442,11 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
 
     defaults = task_defaults(retrieval.TASK)
     overrides = {key: defaults[key] for key in _SPEED_KEYS}
-    for key in ("anno_path", "video_path", "frame_cache", "datatype", "msrvtt_test"):  # data may have moved
-        if getattr(cfg, key, None) and key in cfg.explicit:
+    for key in ("anno_path", "video_path", "frame_cache", "cache_in_memory", "datatype", "msrvtt_test"):
+        if getattr(cfg, key, None) is not None and key in cfg._explicit:  # the data may have moved
             overrides[key] = getattr(cfg, key)
-    overrides.update(batch_size_val=cfg.batch_size_val, workers=cfg.workers,
-                     skip_bad_videos=cfg.skip_bad_videos, precision=cfg.precision)
+    overrides.update(batch_size_val=cfg.batch_size_val, workers=cfg.workers, precision=cfg.precision,
+                     skip_bad_videos=cfg.skip_bad_videos, max_skip_fraction=cfg.max_skip_fraction)
     run = load_run(checkpoint=cfg.emcl_net_checkpoint, overrides=overrides, device=info.device)
     if not isinstance(run.task, retrieval.TASK):
         raise UserError(f"{cfg.emcl_net_checkpoint}: a checkpoint of task '{run.task.name}', not of EMCL-Net")
@@ -488,7 +480,7 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
         },
     )
     emb.temp = float(getattr(ncfg, "temp", 3.0))
-    emb = _drop_invalid(emb, ok, split.video_ids)
+    emb = _drop_invalid(emb, ok, split.video_ids, cfg, f"{ncfg.datatype}/{cfg.split}")
     if cfg.frame_pooling == "mean":  # default for EMCL-Net: its own text-conditioned pooling
         emb.pooling = "pooled"
     return emb

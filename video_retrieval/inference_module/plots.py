@@ -24,22 +24,35 @@ def plot_sweep(
     none = next(r for r in rows if r["axis"] == "none")
     fig, axes = figure(2, 3, size=(15, 8.5))
     for ax, (key, label, log_x) in zip(axes.flat, _AXES):
-        pts = sorted((r[key], r["t2v_R1"], r["v2t_R1"]) for r in rows if r["axis"] == key)
-        if pts:
-            xs, t2v, v2t = zip(*pts)
-            ax.plot(xs, t2v, "o-", color="C0", label="t2v R@1 with EMCL")
-            ax.plot(xs, v2t, "s-", color="C1", label="v2t R@1 with EMCL")
-        ax.axhline(none["t2v_R1"], color="C0", ls="--", lw=1, label="t2v R@1 without")
-        ax.axhline(none["v2t_R1"], color="C1", ls="--", lw=1, label="v2t R@1 without")
-        ax.axvline(getattr(base, key), color="grey", ls=":", lw=1)
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_xlabel(label + f" (default {getattr(base, key):g})")
-        ax.set_ylabel("R@1 (%)")
-        ax.grid(alpha=0.3)
+        _axis_panel(ax, rows, none, base, key, label, log_x)
     axes.flat[0].legend(fontsize=8)
+    _seed_panel(axes.flat[4], rows, base)
+    _summary_panel(axes.flat[5], none, base, summary)
+    fig.suptitle(title or "EMCL inference sweep")
+    return save_png(fig, path, dpi=110)
 
-    ax = axes.flat[4]
+
+def _axis_panel(ax, rows: list[dict[str, Any]], none: dict[str, Any], base, key: str, label: str,
+                log_x: bool) -> None:
+    """R@1 with EMCL against one setting, the others at ``base``; dashed: without EMCL."""
+    pts = sorted((r[key], r["t2v_R1"], r["v2t_R1"]) for r in rows if r["axis"] == key)
+    if pts:
+        xs, t2v, v2t = zip(*pts)
+        ax.plot(xs, t2v, "o-", color="C0", label="t2v R@1 with EMCL")
+        ax.plot(xs, v2t, "s-", color="C1", label="v2t R@1 with EMCL")
+    ax.axhline(none["t2v_R1"], color="C0", ls="--", lw=1, label="t2v R@1 without")
+    ax.axhline(none["v2t_R1"], color="C1", ls="--", lw=1, label="v2t R@1 without")
+    ax.axvline(getattr(base, key), color="grey", ls=":", lw=1)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(label + f" (default {getattr(base, key):g})")
+    ax.set_ylabel("R@1 (%)")
+    ax.grid(alpha=0.3)
+
+
+def _seed_panel(ax, rows: list[dict[str, Any]], base) -> None:
+    """The t2v R@1 gain of every mu draw: upstream seeds by their '+' count, gaussian seeds and linspace
+    beside them."""
     ups = [r for r in rows if r["axis"] == "seed_upstream"]
     gau = [r for r in rows if r["axis"] == "seed_gaussian"]
     if ups:
@@ -79,7 +92,8 @@ def plot_sweep(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
-    ax = axes.flat[5]
+
+def _summary_panel(ax, none: dict[str, Any], base, summary: dict[str, Any]) -> None:
     ax.axis("off")
     lines = [f"without EMCL: t2v R@1 {none['t2v_R1']:.1f}, v2t R@1 {none['v2t_R1']:.1f}"]
     if "run_seed_d_t2v_R1" in summary:
@@ -104,5 +118,3 @@ def plot_sweep(
         fontsize=9,
         transform=ax.transAxes,
     )
-    fig.suptitle(title or "EMCL inference sweep")
-    return save_png(fig, path, dpi=110)
