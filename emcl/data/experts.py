@@ -330,25 +330,14 @@ class ExpertStore:
         self._pid = -1
         self._mem: dict | None = None
         if self.consolidated:
-            with h5py.File(self.path, "r") as h:
-                if h.attrs.get("format") != STORE_FORMAT:
-                    raise ExpertFormatError(
-                        f"{self.path}: not an expert store written by consolidate_experts "
-                        f"(format attribute {h.attrs.get('format')!r})"
-                    )
-                have = json.loads(h.attrs["experts"])
-                for e, dim in self.experts.items():
-                    if e not in have:
-                        raise ExpertFormatError(
-                            f"{self.path}: expert '{e}' is not in this store "
-                            f"(it holds {', '.join(have)}); re-run the converter"
-                        )
-                    if have[e] != dim:
-                        raise ExpertFormatError(
-                            f"{self.path}: expert '{e}' has dimension {have[e]} in the "
-                            f"store, the config says {dim}"
-                        )
-                self.video_ids = [v.decode() if isinstance(v, bytes) else v for v in h["video_ids"][()]]
+            try:
+                with h5py.File(self.path, "r") as h:
+                    self.video_ids = self._check_store(h)
+            except (OSError, KeyError) as e:  # truncated, or not a store of ours
+                raise ExpertFormatError(
+                    f"{self.path}: cannot read the expert store ({type(e).__name__}: {e}); it may be "
+                    "truncated: rebuild it with scripts/consolidate_experts.py"
+                ) from e
             self._row = {v: i for i, v in enumerate(self.video_ids)}
         elif self.path.is_dir():
             self.video_ids = None
@@ -358,6 +347,45 @@ class ExpertStore:
                 f"expert features not found: {self.path} (a consolidated .h5 store or the "
                 "folder of per-video files)"
             )
+
+    def _check_store(self, h: h5py.File) -> list[str]:
+        """The store's video ids, once its format, experts, dimensions and index lengths are checked."""
+        if h.attrs.get("format") != STORE_FORMAT:
+            raise ExpertFormatError(
+                f"{self.path}: not an expert store written by consolidate_experts "
+                f"(format attribute {h.attrs.get('format')!r})"
+            )
+        have = json.loads(h.attrs["experts"])
+        video_ids = [v.decode() if isinstance(v, bytes) else v for v in h["video_ids"][()]]
+        for e, dim in self.experts.items():
+            if e not in have:
+                raise ExpertFormatError(
+                    f"{self.path}: expert '{e}' is not in this store (it holds {', '.join(have)}); re-run "
+                    "the converter"
+                )
+            if have[e] != dim:
+                raise ExpertFormatError(
+                    f"{self.path}: expert '{e}' has dimension {have[e]} in the store, the config says {dim}"
+                )
+            shape, rows = h[e]["features"].shape, h[e]["offsets"].shape
+            if len(shape) != 2 or shape[1] != dim or rows != (len(video_ids) + 1,):
+                raise ExpertFormatError(
+                    f"{self.path}: expert '{e}': features of shape {shape} and {rows[0]} offsets do not "
+                    f"fit {len(video_ids)} videos of dimension {dim}; rebuild the store"
+                )
+        return video_ids
+
+    def nonfinite(self, video_ids: Iterable[str], limit: int = 5) -> list[str]:
+        """Up to ``limit`` of ``video_ids`` whose present features hold NaN or infinity, as
+        ``"video7010 (s3d)"`` (missing experts, NaN-marked as the reference marks them, do not count)."""
+        bad: list[str] = []
+        for v in video_ids:
+            item = self.get(v)
+            bad += [f"{v} ({e})" for e, x in item.features.items()
+                    if x is not None and not np.isfinite(x).all()]
+            if len(bad) >= limit:
+                break
+        return bad[:limit]
 
     def __contains__(self, video_id: str) -> bool:
         if self._row is not None:
@@ -414,8 +442,14 @@ class ExpertStore:
                 missing[e] = MISSING_REASONS[code - 1]
                 continue
             src = index[e] if self.in_memory else self._file()[e]
-            feats[e] = np.asarray(src["features"][lo:hi], dtype=np.float32)
-            times[e] = np.asarray(src["times"][lo:hi], dtype=np.float32)
+            try:
+                feats[e] = np.asarray(src["features"][lo:hi], dtype=np.float32)
+                times[e] = np.asarray(src["times"][lo:hi], dtype=np.float32)
+            except OSError as err:  # a truncated file reads its index but not its data
+                raise ExpertFormatError(
+                    f"{self.path}: cannot read expert '{e}' of video '{video_id}' ({err}); the store may be "
+                    "truncated: rebuild it with scripts/consolidate_experts.py"
+                ) from err
         raw = index["captions"][i]
         caps = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         return VideoExperts(video_id, caps, feats, times, missing)

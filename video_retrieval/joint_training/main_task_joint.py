@@ -168,9 +168,14 @@ class JointTask(RetrievalTask):
         return load_tokenizer(self.cfg.bert_path, bool(self.cfg.faithful))
 
     def check_data(self, splits: list[str]) -> None:
-        """Parse every split the run uses; log the missing experts of each."""
+        """Parse every split the run uses; log the missing experts of each. The evaluated splits' features
+        must be finite (training's own NaNs stop at their step): found now, not after training."""
         for name in splits:
             log.info("%s", self.splits.describe(name))
+            bad = self.splits.store.nonfinite(self.load_split(name).video_ids) if name != "train" else []
+            if bad:
+                raise UserError(f"{self.splits.store.path}: {name} features hold NaN or infinity: "
+                                f"{', '.join(bad)}")
 
     def loader(self, split: str) -> Any:
         """``--iters_per_epoch`` batches (0: one pass over the videos), each video with one of its
