@@ -221,3 +221,32 @@ def test_faithful_tokenisation_quirks(tmp_path):
     cased = _Tok(tmp_path, lower=False)
     ids = tokenize_caption(cased, "A Dog runs", 30, faithful=False)  # as written: no period, case kept
     assert cased.convert_ids_to_tokens(ids) == ["[CLS]", "A", "Dog", "runs", "[SEP]"]
+
+
+def test_truncated_store_and_wrong_columns_are_named(folder, tmp_path):
+    out = tmp_path / "experts.h5"
+    consolidate_experts(folder, out, EXPERTS)
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(out.read_bytes()[: out.stat().st_size // 3])  # an interrupted copy
+    with pytest.raises(ExpertFormatError, match=r"cut\.h5: cannot read the expert store.*truncated"):
+        ExpertStore(cut, EXPERTS)
+    wide = tmp_path / "wide.h5"
+    wide.write_bytes(out.read_bytes())
+    with h5py.File(wide, "a") as h:  # features written with another column count than the store says
+        rows = h["s3d"]["features"].shape[0]
+        del h["s3d"]["features"]
+        h["s3d"].create_dataset("features", data=np.zeros((rows, 8), dtype=np.float32))
+    with pytest.raises(ExpertFormatError, match=r"wide\.h5: expert 's3d': features of shape \(\d+, 8\)"):
+        ExpertStore(wide, EXPERTS)
+
+
+def test_non_finite_features_are_listed_by_video_and_expert(folder, tmp_path):
+    out, bad = tmp_path / "experts.h5", tmp_path / "bad.h5"
+    consolidate_experts(folder, out, EXPERTS)
+    bad.write_bytes(out.read_bytes())
+    with h5py.File(bad, "a") as h:
+        lo = int(h["s3d"]["offsets"][1])  # video8's first s3d row, past its first element
+        h["s3d"]["features"][lo, 2] = np.inf
+    ids = ["video7", "video8", "video9"]
+    assert ExpertStore(out, EXPERTS).nonfinite(ids) == []  # NaN-marked missing experts do not count
+    assert ExpertStore(bad, EXPERTS).nonfinite(ids) == ["video8 (s3d)"]
