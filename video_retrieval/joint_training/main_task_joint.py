@@ -118,17 +118,11 @@ class JointTask(RetrievalTask):
         torch.manual_seed(cfg.seed)
         same = ("same_dim", "max_position", "dropout", "centerK", "stage_num", "momentum", "lamd", "beta")
         return MMT(
-            load_bert(cfg.bert_path, cfg.dropout),
-            parse_experts(cfg.experts),
-            layers=cfg.vid_layers,
-            heads=cfg.vid_heads,
-            intermediate=cfg.vid_intermediate,
-            normalize_experts=_normalize(cfg),
-            use_emcl=bool(cfg.use_emcl),
-            em_init=cfg.em_init,
-            seed=cfg.seed,
+            load_bert(cfg.bert_path, cfg.dropout), parse_experts(cfg.experts), layers=cfg.vid_layers,
+            heads=cfg.vid_heads, intermediate=cfg.vid_intermediate, normalize_experts=_normalize(cfg),
+            use_emcl=bool(cfg.use_emcl), em_init=cfg.em_init, seed=cfg.seed,
             **{k: getattr(cfg, k) for k in same},  # flags named as MMT's arguments
-        )
+        )  # fmt: skip
 
     def compile_targets(self, model: MMT) -> list[torch.nn.Module]:
         return [model.text_encoder, model.video_encoder]
