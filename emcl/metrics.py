@@ -109,6 +109,20 @@ def _check_ties(ties: str) -> None:
         raise ValueError(f"ties must be one of {_TIES}, got {ties!r}")
 
 
+def _check_sim_and_gt(
+    sim: Tensor, gt: Tensor | None, sim_name: str, gt_name: str
+) -> tuple[Tensor, Tensor]:
+    """``sim`` checked (:func:`_check_sim`) and the ground-truth column of each of its rows, checked;
+    ``gt=None`` means the diagonal, which needs a square matrix."""
+    sim = _check_sim(sim, sim_name)
+    q, c = sim.shape
+    if gt is None:
+        if q != c:
+            raise ValueError(f"{gt_name} is needed for a non-square similarity matrix of shape {(q, c)}")
+        gt = torch.arange(q, device=sim.device)
+    return sim, _check_index(gt, q, c, gt_name, sim.device)
+
+
 def gt_ranks(sim: Tensor, gt: Tensor | None = None, ties: str = "optimistic") -> Tensor:
     """1-based rank of the ground-truth column of each row of ``sim`` [Q, C].
 
@@ -118,13 +132,7 @@ def gt_ranks(sim: Tensor, gt: Tensor | None = None, ties: str = "optimistic") ->
     (``ties="average"``, a float tensor). Returns LongTensor[Q] otherwise.
     """
     _check_ties(ties)
-    sim = _check_sim(sim)
-    q, c = sim.shape
-    if gt is None:
-        if q != c:
-            raise ValueError(f"gt is needed for a non-square similarity matrix of shape {(q, c)}")
-        gt = torch.arange(q, device=sim.device)
-    gt = _check_index(gt, q, c, "gt", sim.device)
+    sim, gt = _check_sim_and_gt(sim, gt, "sim", "gt")
     target = sim.gather(1, gt[:, None])
     return _rank_of(sim, target, dim=1, ties=ties)
 
@@ -168,13 +176,8 @@ def v2t_ranks(
     _check_ties(ties)
     if candidates not in ("captions", "videos"):
         raise ValueError(f"candidates must be 'captions' or 'videos', got {candidates!r}")
-    sim_tv = _check_sim(sim_tv, "sim_tv")
+    sim_tv, cv = _check_sim_and_gt(sim_tv, caption_video, "sim_tv", "caption_video")
     t, v = sim_tv.shape
-    if caption_video is None:
-        if t != v:
-            raise ValueError(f"caption_video is needed for a non-square similarity matrix of shape {(t, v)}")
-        caption_video = torch.arange(t, device=sim_tv.device)
-    cv = _check_index(caption_video, t, v, "caption_video", sim_tv.device)
     counts = torch.bincount(cv, minlength=v)
     if bool((counts == 0).any()):
         missing = (counts == 0).nonzero().flatten()

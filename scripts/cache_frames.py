@@ -51,7 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compression", choices=["none", "lzf", "gzip"], default="none",
                    help="HDF5 compression of frames (default none: fastest to read)")
     p.add_argument("--no_progress", action="store_true")
-    p.add_argument("--_die_after", type=int, default=None, help=argparse.SUPPRESS)  # tests: crash on purpose
     args = p.parse_args(argv)
     if (args.datatype is None) != (args.anno_path is None):
         p.error("--datatype and --anno_path go together")
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             ids=ids, windows=windows, index_rounding=args.index_rounding,
             workers=args.workers, backend=args.backend, skip_bad_videos=args.skip_bad_videos,
             compression=None if args.compression == "none" else args.compression,
-            progress=not args.no_progress, _die_after=args._die_after)
+            progress=not args.no_progress)
     except (VideoError, CacheBuildError, NotADirectoryError) as e:  # bad input: a message, not a traceback
         raise SystemExit(str(e)) from None
     finally:

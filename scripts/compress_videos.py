@@ -18,36 +18,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
-# kept in step with emcl.data.video.VIDEO_EXTENSIONS (not imported: this tool needs no torch)
-VIDEO_EXTENSIONS = frozenset(
-    {
-        ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".mpe", ".wmv", ".flv",
-        ".3gp", ".3g2", ".ogv", ".ogg", ".ts", ".mts", ".m2ts", ".vob", ".divx", ".asf", ".f4v",
-    }
+from emcl.data.videofiles import (  # torch-free: this tool needs no torch
+    check_folders,
+    ffmpeg_exe,
+    plan_jobs,
+    run_jobs,
+    share_cores,
+    stderr_tail,
 )
-
-
-def ffmpeg_exe() -> str:
-    """imageio-ffmpeg's bundled binary, else ``ffmpeg`` on PATH."""
-    try:
-        import imageio_ffmpeg
-
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception:
-        found = shutil.which("ffmpeg")
-        if found is None:
-            raise SystemExit("no ffmpeg: pip install imageio-ffmpeg, or put ffmpeg on PATH") from None
-        return found
 
 
 def pick_codec(ffmpeg: str) -> str:
@@ -76,23 +59,8 @@ def ffmpeg_command(ffmpeg: str, src: Path, dst: Path, *, fps: float, size: int, 
 
 def list_jobs(input_root: Path, output_root: Path) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
     """(input, output) pairs mirroring sub-folders; inputs mapping onto the same output are failures."""
-    by_output: dict[Path, list[Path]] = {}
-    for folder, dirs, files in os.walk(input_root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            src = Path(folder) / name
-            if name.startswith(".") or src.suffix.lower() not in VIDEO_EXTENSIONS:
-                continue
-            dst = (output_root / src.relative_to(input_root)).with_suffix(".mp4")
-            by_output.setdefault(dst, []).append(src)
-    jobs, failures = [], {}
-    for dst, srcs in sorted(by_output.items()):
-        if len(srcs) == 1:
-            jobs.append((srcs[0], dst))
-        else:
-            for src in srcs:
-                failures[str(src)] = f"several inputs would write {dst}: {[str(s) for s in srcs]}"
-    return jobs, failures
+    return plan_jobs(input_root, lambda src: (output_root / src.relative_to(input_root)).with_suffix(".mp4"),
+                     lambda dst, srcs: f"several inputs would write {dst}: {[str(s) for s in srcs]}")
 
 
 def compress_one(ffmpeg: str, src: Path, dst: Path, *, fps: float, size: int, codec: str,
@@ -104,8 +72,7 @@ def compress_one(ffmpeg: str, src: Path, dst: Path, *, fps: float, size: int, co
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
         tmp.unlink(missing_ok=True)
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        return f"ffmpeg exit {proc.returncode}: {' | '.join(tail) or 'no output'}"
+        return f"ffmpeg exit {proc.returncode}: {stderr_tail(proc)}"
     os.replace(tmp, dst)
     return None
 
@@ -128,43 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--size must be a positive even number (H.264 in yuv420p), got {args.size}")
     if args.fps <= 0:
         raise SystemExit(f"--fps must be positive, got {args.fps}")
-    input_root, output_root = Path(args.input_root).resolve(), Path(args.output_root).resolve()
-    if not input_root.is_dir():
-        raise SystemExit(f"--input_root {input_root} is not a folder")
-    if output_root == input_root or input_root in output_root.parents:
-        raise SystemExit("--output_root must not be --input_root or inside it")
+    input_root, output_root = check_folders(args.input_root, args.output_root,
+                                          "--input_root", "--output_root")
     ffmpeg = ffmpeg_exe()
     codec = pick_codec(ffmpeg) if args.codec == "auto" else args.codec
     jobs, failures = list_jobs(input_root, output_root)
     todo = [(s, d) for s, d in jobs if not d.is_file()]
-    workers = max(1, min(args.workers, len(todo) or 1))
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    workers, threads = share_cores(args.workers, len(todo))
     print(f"{len(jobs)} videos under {input_root}: {len(jobs) - len(todo)} already done, encoding "
           f"{len(todo)} with {codec} ({args.fps:g} fps, short side {args.size}) on {workers} workers",
           flush=True)
     work = partial(compress_one, ffmpeg, fps=args.fps, size=args.size, codec=codec, threads=threads)
     return run_jobs(work, todo, workers, failures, "encoded", len(jobs) - len(todo), args.no_progress)
-
-
-def run_jobs(work: Callable[[Path, Path], str | None], todo: list[tuple[Path, Path]], workers: int,
-             failures: dict[str, str], verb: str, skipped: int, no_progress: bool = False) -> int:
-    """Run ``work(src, dst)`` (None or an error message) over ``todo`` on ``workers`` threads with a
-    progress bar, then report counts and every failure (also those already in ``failures``); exit status
-    1 if any failed. Shared by this script and ``extract_frames.py``."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(work, s, d): s for s, d in todo}
-        for future in tqdm(as_completed(futures), total=len(futures), unit="video", disable=no_progress):
-            error = future.result()
-            if error is not None:
-                failures[str(futures[future])] = error
-    done = len(todo) - sum(1 for s, _ in todo if str(s) in failures)
-    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)}")
-    if failures:
-        print(f"{len(failures)} videos failed:", file=sys.stderr)
-        for src, error in sorted(failures.items()):
-            print(f"  {src}: {error}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,15 +16,11 @@ EM per query over [all videos; that query]. A model without EMCL has no EM: one 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from emcl.fileio import save_bytes, save_json
+from emcl import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,23 +55,15 @@ def _runs(args: argparse.Namespace) -> list[list[dict]]:
     return [mmt, meanp]
 
 
-def _run_lane(lane: list[dict], out: Path, threads: int) -> list[dict]:
+def _run(r: dict, out: Path, threads: int) -> dict:
+    """One run, its output in ``OUT/DIR.log``; the run with its time and test results."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    done = []
-    for r in lane:
-        run_dir = out / r["dir"]
-        cmd = [sys.executable, "-m", r["module"], *r["argv"], "--output_dir", str(run_dir)]
-        t0 = time.perf_counter()
-        with open(out / f"{r['dir']}.log", "w") as log:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise SystemExit(
-                f"{r['model']} (EMCL {r['emcl']}) failed ({proc.returncode}): see {out / r['dir']}.log"
-            )
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        done.append({**r, "seconds": round(seconds, 1), "test": metrics["test"]})
-    return done
+    run_dir = out / r["dir"]
+    cmd = tables.module_command(r["module"], [*r["argv"], "--output_dir", str(run_dir)])
+    seconds = tables.launch(tables.SubRun(f"{r['model']} (EMCL {r['emcl']})", cmd, run_dir,
+                                          log=out / f"{r['dir']}.log"), ROOT, env=env)
+    metrics = tables.read_json(run_dir / "metrics.json")
+    return {**r, "seconds": round(seconds, 1), "test": metrics["test"]}
 
 
 def _row(r: dict) -> dict:
@@ -93,12 +81,10 @@ def _row(r: dict) -> dict:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| baseline | EMCL | " + " | ".join(f"{p} {k}" for p in POLICIES for k in KEYS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(POLICIES) * len(KEYS))]
-    for r in rows:
-        cells = [f"{r['policies'][p][k]:.1f}" for p in POLICIES for k in KEYS]
-        emcl = "yes" if r["emcl"] else "no (no EM: one number)"
-        lines.append(f"| {r['model']} | {emcl} | " + " | ".join(cells) + " |")
+    head = ["baseline", "EMCL", *(f"{p} {k}" for p in POLICIES for k in KEYS)]
+    cells = [[r["model"], "yes" if r["emcl"] else "no (no EM: one number)",
+              *(tables.number_cell(r["policies"][p][k]) for p in POLICIES for k in KEYS)] for r in rows]
+    lines = tables.markdown_table(head, cells)
     lines.append("")
     lines.append(
         "Text-to-video on the test split. paper: EM per block of 32 as the reference (transductive: "
@@ -152,9 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    lanes = _runs(args)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = [r for lane in pool.map(lambda ln: _run_lane(ln, out, args.threads), lanes) for r in lane]
+    done = tables.run_lanes(_runs(args), lambda r: _run(r, out, args.threads), args.jobs)
     rows = [_row(r) for r in done]
     total = round(time.perf_counter() - start, 1)
     table = {
@@ -174,9 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "seconds": total,
     }
-    save_json(table, out / "table.json")
     md = markdown(rows) + f"\nWall time {total:.0f} s ({args.jobs} job(s) x {args.threads} thread(s)).\n"
-    save_bytes(md.encode(), out / "table.md")
+    tables.write_table(out / "table", md, table)
     plot(rows, out / "table.png")
     print(md)
     return table

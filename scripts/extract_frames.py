@@ -25,28 +25,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compress_videos import VIDEO_EXTENSIONS, ffmpeg_exe, run_jobs  # noqa: E402
+from emcl.data.videofiles import check_folders, ffmpeg_exe, plan_jobs, run_jobs, share_cores, stderr_tail
 
 
 def list_jobs(input_path: Path, output_path: Path) -> tuple[list[tuple[Path, Path]], dict[str, str]]:
     """(video, frame folder) pairs, one folder per stem; stems found twice are failures."""
-    by_stem: dict[str, list[Path]] = {}
-    for folder, dirs, files in os.walk(input_path, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            src = Path(folder) / name
-            if name.startswith(".") or src.suffix.lower() not in VIDEO_EXTENSIONS:
-                continue
-            by_stem.setdefault(src.stem, []).append(src)
-    jobs, failures = [], {}
-    for stem, srcs in sorted(by_stem.items()):
-        if len(srcs) == 1:
-            jobs.append((srcs[0], output_path / stem))
-        else:
-            for src in srcs:
-                failures[str(src)] = f"several videos have the stem {stem!r}: {[str(s) for s in srcs]}"
-    return jobs, failures
+    return plan_jobs(input_path, lambda src: output_path / src.stem,
+                     lambda dst, srcs: f"several videos have the stem {dst.name!r}: {[str(s) for s in srcs]}")
 
 
 def ffmpeg_command(
@@ -88,8 +73,7 @@ def extract_one(ffmpeg: str, src: Path, dst: Path, *, fps: float, quality: int, 
     n = sum(1 for p in tmp.iterdir() if p.suffix == ".jpg")
     if proc.returncode != 0 or n == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        return f"ffmpeg exit {proc.returncode}, {n} frames: {' | '.join(tail) or 'no output'}"
+        return f"ffmpeg exit {proc.returncode}, {n} frames: {stderr_tail(proc)}"
     os.replace(tmp, dst)
     return None
 
@@ -111,17 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--fps must be positive, got {args.fps}")
     if not 2 <= args.quality <= 31:
         raise SystemExit(f"--quality must be in 2..31, got {args.quality}")
-    input_path, output_path = Path(args.input_path).resolve(), Path(args.output_path).resolve()
-    if not input_path.is_dir():
-        raise SystemExit(f"--input_path {input_path} is not a folder")
-    if output_path == input_path or input_path in output_path.parents:
-        raise SystemExit("--output_path must not be --input_path or inside it")
+    input_path, output_path = check_folders(args.input_path, args.output_path,
+                                          "--input_path", "--output_path")
     output_path.mkdir(parents=True, exist_ok=True)
     ffmpeg = ffmpeg_exe()
     jobs, failures = list_jobs(input_path, output_path)
     todo = [(s, d) for s, d in jobs if not d.is_dir()]
-    workers = max(1, min(args.workers, len(todo) or 1))
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    workers, threads = share_cores(args.workers, len(todo))
     print(
         f"{len(jobs)} videos under {input_path}: {len(jobs) - len(todo)} already extracted, extracting "
         f"{len(todo)} at {args.fps:g} fps on {workers} workers",

@@ -24,7 +24,6 @@ layers CLIP does not provide.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -34,7 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from emcl.fileio import save_bytes, save_json
+from emcl import tables
 from emcl.metrics import RANK_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +49,8 @@ OWN_FLAGS = ("--seed", "--output_dir", "--config")
 
 def _rows(block: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The metric rows of one result block: entries that are dicts with at least one RANK_KEYS number."""
-    out = {}
-    for name, row in block.items():
-        if isinstance(row, dict) and any(isinstance(row.get(k), (int, float)) for k in RANK_KEYS):
-            out[name] = {k: float(row[k]) for k in RANK_KEYS if isinstance(row.get(k), (int, float))}
-    return out
+    rows = {name: tables.numbers(row, RANK_KEYS) for name, row in block.items() if isinstance(row, dict)}
+    return {name: row for name, row in rows.items() if row}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -139,8 +135,6 @@ def format_markdown(summary: dict[str, Any], title: str = "") -> str:
         f"over {n} run{'s' if n != 1 else ''}."
     )
     lines.append("")
-    lines.append("| policy | direction | " + " | ".join(RANK_KEYS) + " |")
-    lines.append("|---|---|" + "---:|" * len(RANK_KEYS))
     groups = summary["groups"]
     order = [HEADLINE] + [g for g in ("paper", "query", "none") if g in groups]
     order += [g for g in groups if g not in order]
@@ -150,11 +144,9 @@ def format_markdown(summary: dict[str, Any], title: str = "") -> str:
         # the headline rows are that policy's rows: print them once, labelled
         order.remove(HEADLINE)
         names[block] = f"{block} (headline)"
-    for group in order:
-        for direction, cells in groups.get(group, {}).items():
-            name = names[group]
-            row = [_cell(cells.get(k), n) for k in RANK_KEYS]
-            lines.append(f"| {name} | {direction} | " + " | ".join(row) + " |")
+    rows = [[names[group], direction, *(_cell(cells.get(k), n) for k in RANK_KEYS)]
+            for group in order for direction, cells in groups.get(group, {}).items()]
+    lines += tables.markdown_table(["policy", "direction", *RANK_KEYS], rows, right_from=2)
     diffs = summary.get("config_differences") or {}
     if diffs:
         lines += ["", "**The runs differ in settings other than the seed:** "
@@ -174,9 +166,9 @@ def load_runs(output_dir: str | os.PathLike[str], seeds: Sequence[int]) -> dict[
         if not path.is_file():
             raise FileNotFoundError(f"seed {seed}: {path} not found (did the run finish?)")
         try:
-            runs[seed] = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"seed {seed}: {path} is not valid JSON ({e})") from None
+            runs[seed] = tables.read_json(path)
+        except tables.RunFileError as e:
+            raise ValueError(f"seed {seed}: {e}") from None
     return runs
 
 
@@ -187,15 +179,8 @@ PER_RUN_KEYS = frozenset({"seed", "output_dir", "overwrite", "resume", "n_displa
 def config_differences(output_dir: str | os.PathLike[str], seeds: Sequence[int]) -> dict[str, dict[int, Any]]:
     """Settings (from each run's ``config.yaml``) that differ between the seeds, other than
     :data:`PER_RUN_KEYS`: ``{key: {seed: value}}``. Runs without a config.yaml are left out."""
-    import yaml
-
-    configs = {}
-    for seed in seeds:
-        path = Path(output_dir) / f"seed_{seed}" / "config.yaml"
-        if path.is_file():
-            loaded = yaml.safe_load(path.read_text())
-            if isinstance(loaded, dict):
-                configs[seed] = loaded
+    loaded = {seed: tables.read_config(Path(output_dir) / f"seed_{seed}") for seed in seeds}
+    configs = {seed: c for seed, c in loaded.items() if c}
     keys = sorted({k for c in configs.values() for k in c} - PER_RUN_KEYS)
     return {k: {seed: c.get(k) for seed, c in configs.items()} for k in keys
             if len({repr(c.get(k)) for c in configs.values()}) > 1}
@@ -205,10 +190,7 @@ def write_summary(
     output_dir: str | os.PathLike[str], summary: dict[str, Any], title: str = ""
 ) -> tuple[Path, Path]:
     """``multiseed.json`` and ``multiseed.md`` in ``output_dir``, both written atomically."""
-    out = Path(output_dir)
-    md = save_bytes(format_markdown(summary, title).encode(), out / "multiseed.md")
-    js = save_json(summary, out / "multiseed.json")
-    return md, js
+    return tables.write_table(Path(output_dir) / "multiseed", format_markdown(summary, title), summary)
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -217,23 +199,9 @@ def write_summary(
 def seed_command(config: str, seed: int, output_dir: str | os.PathLike[str], extra: Sequence[str],
                  overwrite: bool = False, nproc_per_node: int = 1, module: str = MODULE) -> list[str]:
     """The training command of one seed."""
-    launch = [sys.executable, "-m", module]
-    if nproc_per_node > 1:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  "--nproc_per_node", str(nproc_per_node), "-m", module]
-    cmd = [*launch, "--config", config, "--seed", str(seed),
-           "--output_dir", str(Path(output_dir) / f"seed_{seed}"), *extra]
-    if overwrite:
-        cmd.append("--overwrite")
-    return cmd
-
-
-def _finished(output_dir: Path, seed: int, split: str) -> bool:
-    path = output_dir / f"seed_{seed}" / "metrics.json"
-    try:
-        return isinstance(json.loads(path.read_text()).get(split), dict)
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+    argv = ["--config", config, "--seed", str(seed), "--output_dir", str(Path(output_dir) / f"seed_{seed}"),
+            *extra]
+    return tables.module_command(module, argv + (["--overwrite"] if overwrite else []), nproc_per_node)
 
 
 def run_seeds(config: str, seeds: Sequence[int], output_dir: str | os.PathLike[str], extra: Sequence[str],
@@ -247,19 +215,16 @@ def run_seeds(config: str, seeds: Sequence[int], output_dir: str | os.PathLike[s
     out = Path(output_dir)
     ran = []
     for seed in seeds:
-        if not rerun and _finished(out, seed, split):
-            echo(f"seed {seed}: {out / f'seed_{seed}' / 'metrics.json'} has '{split}' results; not run again")
+        run_dir = out / f"seed_{seed}"
+        if not rerun and tables.has_results(run_dir, split):
+            echo(f"seed {seed}: {run_dir / 'metrics.json'} has '{split}' results; not run again")
             continue
-        exists = (out / f"seed_{seed}").exists()
-        cmd = seed_command(config, seed, out, extra, overwrite=rerun and exists,
+        cmd = seed_command(config, seed, out, extra, overwrite=rerun and run_dir.exists(),
                            nproc_per_node=nproc_per_node)
         echo(f"seed {seed}: {shlex.join(cmd)}")
         if dry_run:
             continue
-        proc = runner(cmd, cwd=str(REPO))
-        if proc.returncode != 0:
-            where = out / f"seed_{seed}"
-            raise SystemExit(f"seed {seed} failed (exit status {proc.returncode}); see {where}")
+        tables.launch(tables.SubRun(f"seed {seed}", cmd, run_dir), REPO, runner=runner)
         ran.append(seed)
     return ran
 

@@ -15,15 +15,13 @@ the markdown.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from emcl.fileio import atomic_write, save_json
+from emcl import tables
+from emcl.tables import RunFileError as TableError
 
 KEYS = ("R1", "R5", "R10", "MdR", "MnR")
 DIRECTIONS = ("t2v", "v2t")
@@ -60,33 +58,6 @@ NOTES = {
 }
 
 
-class TableError(ValueError):
-    """A metrics file that cannot be used; the message names it."""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise TableError(f"{path}: cannot read: {e}") from None
-    except ValueError as e:
-        raise TableError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise TableError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_config(metrics_path: Path) -> dict[str, Any]:
-    path = metrics_path.parent / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TableError(f"{path}: not valid YAML: {e}") from None
-    return data if isinstance(data, dict) else {}
-
-
 def dataset_of(cfg: dict[str, Any], results: dict[str, Any]) -> tuple[str | None, str, bool]:
     """(dataset key, label, synthetic?) from a run's config (``datatype``, ``msrvtt_test``, ``synthetic``)."""
     datatype = cfg.get("datatype") or results.get("datatype")
@@ -108,19 +79,14 @@ def _row(results: Any, where: str) -> dict[str, dict[str, float]]:
     """The t2v/v2t (and DSL) metric dicts of one result block, numbers only."""
     if not isinstance(results, dict) or not isinstance(results.get("t2v"), dict):
         raise TableError(f"{where}: no t2v results")
-    out = {}
-    for d in ("t2v", "v2t", "t2v_dsl", "v2t_dsl"):
-        block = results.get(d)
-        if isinstance(block, dict):
-            out[d] = {k: float(v) for k, v in block.items()
-                      if isinstance(v, int | float) and not isinstance(v, bool)}
-    return out
+    return {d: tables.numbers(results[d]) for d in ("t2v", "v2t", "t2v_dsl", "v2t_dsl")
+            if isinstance(results.get(d), dict)}
 
 
 def runs_of(path: Path, policy_filter: str = "all") -> list[dict[str, Any]]:
     """The table rows of one metrics file (one per evaluation policy it holds)."""
-    metrics = _read_json(path)
-    cfg = _read_config(path)
+    metrics = tables.read_json(path)
+    cfg = tables.read_config(path.parent)
     split = next((s for s in ("test", "val") if isinstance(metrics.get(s), dict)), None)
     if split is None:
         raise TableError(f"{path}: no test or val results (an unfinished run?)")
@@ -196,17 +162,7 @@ def compare(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cells(vals: dict | None, dirs: tuple[str, ...], signed: bool = False) -> list[str]:
-    cells = []
-    for d in dirs:
-        for k in KEYS:
-            v = (vals or {}).get(d, {}).get(k)
-            if v is None:
-                cells.append("-")
-            elif signed:
-                cells.append(f"{v:+.1f}")
-            else:
-                cells.append(f"{v:.1f}")
-    return cells
+    return [tables.number_cell((vals or {}).get(d, {}).get(k), signed) for d in dirs for k in KEYS]
 
 
 def markdown(rows: list[dict[str, Any]], dsl: bool = False) -> str:
@@ -214,10 +170,10 @@ def markdown(rows: list[dict[str, Any]], dsl: bool = False) -> str:
     dirs = DIRECTIONS
     head = ["dataset", "run", "policy", "numbers"] + [f"{d} {k}" for d in ("T→V", "V→T")
                                                       for k in ("R@1", "R@5", "R@10", "MdR", "MnR")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = tables.markdown_table(head, [])
 
     def add(first: list[str], vals: dict | None, what: str, signed: bool = False, dirs=dirs) -> None:
-        lines.append("| " + " | ".join(first + [what] + _cells(vals, dirs, signed)) + " |")
+        lines.append(tables.markdown_row(first + [what] + _cells(vals, dirs, signed)))
 
     notes: list[str] = []
     for r in rows:
@@ -280,10 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     md = markdown(rows, args.dsl)
     out = Path(args.out)
-    atomic_write(out.with_name(out.name + ".md"), lambda fh: fh.write(md.encode()))
-    save_json({"rows": rows, "skipped": skipped,
-               "source_of_reference_numbers": "docs/reference.md, 'Reported numbers' (ViT-B/32)"},
-              out.with_name(out.name + ".json"))
+    source = "docs/reference.md, 'Reported numbers' (ViT-B/32)"
+    tables.write_table(out, md, {"rows": rows, "skipped": skipped, "source_of_reference_numbers": source})
     print(md)
     print(f"wrote {out}.md and {out}.json", file=sys.stderr)
     return 0

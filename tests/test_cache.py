@@ -129,11 +129,40 @@ def test_build_cache_library_call(video_dir: Path, tmp_path: Path) -> None:
         build_cache(video_dir, tmp_path / "w.h5", windows={"v1": (1.0,)}, progress=False, **SETTINGS)
 
 
+# scripts/cache_frames.py, killed with SIGKILL (as a job the scheduler kills) in the middle of storing the
+# video after the first N: its frames are flushed to the file, its completion mark is not yet set
+DIE_MID_WRITE = """
+import multiprocessing, os, runpy, signal, sys
+import h5py
+from emcl.data.cache import CacheWriter
+
+N = int(sys.argv.pop(1))
+add, flush, stored = CacheWriter.add, h5py.File.flush, []
+
+def flush_then_die(f):
+    flush(f)
+    for child in multiprocessing.active_children():  # no orphaned worker keeps our pipes open
+        os.kill(child.pid, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def add_or_die(self, video_id, *args, **kwargs):
+    if len(stored) == N:  # add flushes the data, then sets the mark: die at that flush
+        h5py.File.flush = flush_then_die
+    add(self, video_id, *args, **kwargs)
+    stored.append(video_id)
+
+CacheWriter.add = add_or_die
+sys.argv[0] = sys.argv.pop(1)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_kill_midway_then_resume(video_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed.h5"
-    cmd = [sys.executable, str(REPO / "scripts" / "cache_frames.py"), "--video_path", str(video_dir),
-           "--out", str(out), "--workers", "2", "--_die_after", "3", *ARGS]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    cmd = [sys.executable, "-c", DIE_MID_WRITE, "3", str(REPO / "scripts" / "cache_frames.py"),
+           "--video_path", str(video_dir), "--out", str(out), "--workers", "2", *ARGS]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     partial = Path(str(out) + ".partial")
     assert partial.exists() and not out.exists()

@@ -118,6 +118,33 @@ def test_eval_agrees_with_the_metrics(built, capsys):
     assert json.loads(capsys.readouterr().out)["hit_rate"] == everything["hit_rate"]
 
 
+def test_eval_counts_videos_with_the_same_content(built, capsys):
+    """--attributes: a video with the caption's video's count, colour, shape and motion (and background)
+    among the top k counts, as computed here from the attributes and the plain top k."""
+    from emcl.data.synthetic import load_attributes
+
+    data = Path(built["cfg"].anno_path).parent
+    res = search.main(["eval", str(built["idx"]), "-k", "2", "--attributes", str(data)])
+    out = capsys.readouterr().out
+    assert "same count, colour, shape and motion in the top 2" in out
+    attrs = load_attributes(data)
+    index = search.Index(built["idx"])
+    split = index.run.split("test")
+    top = index.search(index.encode(split.captions), 2)["index"].tolist()
+
+    def key(vid, bg):
+        a = attrs[vid]
+        return (a.count, a.color, a.shape, a.motion) + ((a.background,) if bg else ())
+
+    for name, bg in (("hit_rate_same_content", False), ("hit_rate_same_content_and_background", True)):
+        want = sum(any(key(index.ids[i], bg) == key(split.video_ids[split.caption_video[c]], bg) for i in row)
+                   for c, row in enumerate(top)) / len(split.captions)
+        assert res[name] == pytest.approx(want)
+    assert res["hit_rate_same_content"] >= res["hit_rate_same_content_and_background"] >= res["hit_rate"]
+    with pytest.raises(UserError, match="--attributes"):
+        search.evaluate(index, attributes=str(built["root"]))
+
+
 def test_frame_cache_reused_only_when_current(built, tmp_path):
     from emcl.data.cache import build_cache
 

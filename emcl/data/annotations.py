@@ -105,13 +105,19 @@ def _check_unique(ids: list[str], path: Path, what: str = "video id") -> None:
         seen[v] = i
 
 
-def _check_caption(text, path: Path, record: str) -> str:
-    if not isinstance(text, str):
-        raise UserValueError(f"{path}: record {record}: caption is {type(text).__name__}, not text")
-    text = " ".join(text.split())
+def _one_line(value, where: str, what: str, empty: str = "empty") -> str:
+    """``value`` as one line of text (runs of whitespace made one space); raises naming ``where`` and
+    ``what`` when it is no text, or nothing is left."""
+    if not isinstance(value, str):
+        raise UserValueError(f"{where}: {what} is {type(value).__name__}, not text: {value!r}")
+    text = " ".join(value.split())
     if not text:
-        raise UserValueError(f"{path}: record {record}: caption is empty (nothing to tokenise)")
+        raise UserValueError(f"{where}: {what} is {empty}")
     return text
+
+
+def _check_caption(text, path: Path, record: str) -> str:
+    return _one_line(text, f"{path}: record {record}", "caption", "empty (nothing to tokenise)")
 
 
 def _read_id_list(path: Path) -> list[str]:
@@ -470,13 +476,7 @@ def _qa_field(obj: dict, key: str, path: Path, lineno: int, required: bool = Tru
         if not required:
             return None
         raise UserValueError(f"{path}: line {lineno}: record lacks '{key}' (need answer, question, video_id)")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise UserValueError(f"{path}: line {lineno}: '{key}' is {type(value).__name__}, not text: {value!r}")
-    value = " ".join(value.split())
-    if not value:
-        raise UserValueError(f"{path}: line {lineno}: '{key}' is empty")
-    return value
+    return _one_line(obj[key], f"{path}: line {lineno}", f"'{key}'")
 
 
 def load_qa_split(anno_path: str | os.PathLike, split: str) -> QASplit:

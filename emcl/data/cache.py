@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -485,7 +484,6 @@ class CacheWriter:
         end: float | None = None,
         *,
         source: tuple[int, int] | None = None,
-        _complete: bool = True,
     ) -> None:
         """Store the real frames (T, 3, size, size) of one video, then mark it complete and flush.
 
@@ -516,8 +514,6 @@ class CacheWriter:
         if source is not None:
             group.attrs.update({"src_size": source[0], "src_mtime_ns": source[1]})
         self.f.flush()  # data and metadata reach the file before the mark
-        if not _complete:  # test hook: leave the entry a crash at this point would leave
-            return
         group.attrs["complete"] = True
         self._commit()
 
@@ -734,20 +730,6 @@ def _results(jobs: _DecodeJobs, workers: int) -> Iterator[dict[str, Any]]:
     return iter(loader)
 
 
-def _die(
-    writer: CacheWriter, results: Any, vid: str, frames: np.ndarray, start: float | None, end: float | None
-) -> None:
-    """Test hook (``_die_after``): crash like a kill in the middle of a write, deterministically.
-
-    Writes the next entry without its completion mark, kills the DataLoader workers (so no orphan keeps
-    the caller's pipes open) and then SIGKILLs this process.
-    """
-    writer.add(vid, frames, start, end, _complete=False)
-    for worker in getattr(results, "_workers", []):
-        os.kill(worker.pid, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _finished_store_covers(
     out: str,
     ids: list[str],
@@ -850,12 +832,11 @@ def _record_problems(build: _Build, writer: CacheWriter, todo: list[str], skip_b
 def _store_results(
     build: _Build,
     writer: CacheWriter,
-    results: Any,
+    results: Iterator[dict[str, Any]],
     total: int,
     *,
     skip_bad_videos: bool,
     progress: bool,
-    die_after: int | None,
 ) -> int:
     """Write each decoded video (each with its completion mark) or its failure as it arrives; returns
     how many were decoded. An undecodable video raises VideoError unless ``skip_bad_videos``."""
@@ -876,8 +857,6 @@ def _store_results(
             else:
                 frames = np.asarray(item["frames"])
                 start, end = build.windows.get(vid, (None, None))
-                if die_after is not None and decoded >= die_after:
-                    _die(writer, results, vid, frames, start, end)
                 writer.add(vid, frames, start, end, source=build.stamps[vid])
                 decoded += 1
             bar.update(1)
@@ -894,7 +873,6 @@ def _decode_into_store(
     workers: int,
     skip_bad_videos: bool,
     progress: bool,
-    die_after: int | None,
 ) -> tuple[dict[str, int], int]:
     """Open (or resume) the partial store, decode every id it lacks into it, then finish it and move it
     onto ``out`` (:meth:`CacheWriter.finalize`). Returns the store's counts and how many were decoded."""
@@ -925,8 +903,7 @@ def _decode_into_store(
         results = _results(dataset, workers)
         writer.reopen()
         decoded = _store_results(
-            build, writer, results, len(jobs), skip_bad_videos=skip_bad_videos, progress=progress,
-            die_after=die_after,
+            build, writer, results, len(jobs), skip_bad_videos=skip_bad_videos, progress=progress
         )
         counts = writer.finalize(build.ids)
     finally:
@@ -974,7 +951,6 @@ def build_cache(
     compression: str | None = None,
     progress: bool = True,
     index_rounding: str = DEFAULT_INDEX_ROUNDING,
-    _die_after: int | None = None,
 ) -> dict[str, Any]:
     """Decode the videos under ``video_path`` (all, or ``ids``) once into the frame store ``out``.
 
@@ -985,8 +961,7 @@ def build_cache(
     (naming the id and file) unless ``skip_bad_videos``, which records it as failed in the store.
     ``compression``: None, ``"lzf"`` or ``"gzip"``. ``index_rounding``: how evenly spaced frames are
     picked (``"round"``, or ``"floor"`` as the reference; see ``sample_indices``), recorded in the store
-    and checked by readers. ``_die_after=N`` is a test hook: SIGKILL this process
-    in the middle of writing the entry after N decoded videos.
+    and checked by readers.
 
     Returns a summary: ``out``, ``num_requested``, ``num_videos`` / ``num_failed`` (in the finished
     store), ``decoded`` (this run), ``seconds``, ``failures`` ({id: reason}, this run) and ``up_to_date``
@@ -1015,8 +990,7 @@ def build_cache(
     if counts is not None:
         return {**summary, **counts, "seconds": time.time() - started, "up_to_date": True}
     counts, decoded = _decode_into_store(
-        build, writer, workers=workers, skip_bad_videos=skip_bad_videos, progress=progress,
-        die_after=_die_after,
+        build, writer, workers=workers, skip_bad_videos=skip_bad_videos, progress=progress
     )
     took = time.time() - started
     _log_summary(out, counts, decoded, took, build.failures)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from emcl.data.videofiles import video_files
 from emcl.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,6 @@ DEFAULT_BACKEND = "pyav"
 #: ``np.linspace(..., dtype=int)``, which truncates; ``--faithful``).
 INDEX_ROUNDINGS = ("round", "floor")
 DEFAULT_INDEX_ROUNDING = "round"
-
-#: File name endings treated as videos when folders are scanned (lower case, with the dot).
-VIDEO_EXTENSIONS = frozenset(
-    {
-        ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".mpe", ".wmv", ".flv",
-        ".3gp", ".3g2", ".ogv", ".ogg", ".ts", ".mts", ".m2ts", ".vob", ".divx", ".asf", ".f4v",
-    }
-)
 
 _EPS = 1e-6
 
@@ -540,17 +533,12 @@ def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: i
 def find_videos(root: str | os.PathLike[str]) -> dict[str, list[str]]:
     """Walk ``root`` once; map each video's stem and its full file name to the matching paths.
 
-    Hidden files and files without a known video ending (:data:`VIDEO_EXTENSIONS`) are ignored. A key with
-    several paths is ambiguous (e.g. ``a.mp4`` and ``a.avi``); callers report it.
+    The files are :func:`emcl.data.videofiles.video_files`' (hidden ones and those without a video ending
+    are ignored). A key with several paths is ambiguous (e.g. ``a.mp4`` and ``a.avi``); callers report it.
     """
     found: dict[str, list[str]] = {}
-    for folder, dirs, files in os.walk(os.fspath(root), followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            stem, ext = os.path.splitext(name)
-            if name.startswith(".") or ext.lower() not in VIDEO_EXTENSIONS:
-                continue
-            full = os.path.join(folder, name)
-            found.setdefault(stem, []).append(full)
-            found.setdefault(name, []).append(full)
+    for full in video_files(root):
+        name = os.path.basename(full)
+        found.setdefault(os.path.splitext(name)[0], []).append(full)
+        found.setdefault(name, []).append(full)
     return found

@@ -27,6 +27,7 @@ import torch
 
 from emcl.errors import UserError, cli_main
 from emcl.fileio import atomic_write, save_json
+from emcl.viz import load_split_features, run_parser
 
 log = logging.getLogger("emcl.viz")
 
@@ -191,10 +192,7 @@ def write_html(rows: list[dict[str, Any]], captions: list[str], video_ids: list[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from emcl.train.runs import add_run_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(p)
+    p = run_parser(__doc__)
     p.add_argument("-n", type=int, default=8, help="number of text queries")
     p.add_argument("-k", type=int, default=5, help="videos shown per query")
     p.add_argument("--queries", default=None, help="comma-separated caption indices instead of -n")
@@ -205,13 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from emcl.train.runs import load_run_from_args, similarity
+    from emcl.train.runs import similarity
 
-    run = load_run_from_args(args)
-    split = run.split(args.split)
-    t, f, m, ok = run.features(split)
+    args = build_parser().parse_args(argv)
+    loaded = load_split_features(args)
+    run, split, out, (t, f, m, ok) = loaded.run, loaded.split, loaded.out, loaded.features
     if not bool(ok.all()):
         raise UserError(f"{int((~ok).sum())} video(s) of split {args.split} could not be read")
     policy = args.policy or getattr(run.cfg, "eval_block", "query")
@@ -227,9 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         queries = pick_queries(len(split.captions), args.n)
     rows = top_k(sim, queries, list(split.caption_video), args.k)
-    out = Path(args.out) if args.out else (run.run_dir or run.checkpoint.parent)
-    name = run.run_dir.name if run.run_dir is not None else run.checkpoint.name
-    title = (f"{name}: {split.datatype}/{args.split}, top {args.k} of {sim.shape[1]} videos "
+    title = (f"{loaded.name}: {split.datatype}/{args.split}, top {args.k} of {sim.shape[1]} videos "
              f"(policy {policy})")
     frames = KeyFrames(run, split, args.thumb_size)
     draw_examples(rows, split.captions, split.video_ids, frames, out / "examples.png", title)

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from emcl.em import EMCL, em_reconstruct
 from emcl.errors import UserError, cli_main
 from emcl.fileio import save_json
+from emcl.viz import load_split_features, run_parser
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (texts, videos)
 
@@ -216,10 +217,7 @@ def pick_captions(caption_video: list[int], valid: list[bool]) -> tuple[list[int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from emcl.train.runs import add_run_arguments
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(p)
+    p = run_parser(__doc__)
     p.add_argument("--max_videos", type=int, default=2000, help="use at most this many videos (the first)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's train/test halves")
     return p
@@ -227,12 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from emcl.train.runs import load_run_from_args
-
-    run = load_run_from_args(args)
-    split = run.split(args.split)
-    t, f, m, ok = run.features(split)
+    loaded = load_split_features(args)
+    run, split, out, (t, f, m, ok) = loaded.run, loaded.split, loaded.out, loaded.features
     captions, vids = pick_captions(list(split.caption_video), ok.cpu().tolist())
     if len(vids) < 4:
         raise UserError(f"split {args.split} has {len(vids)} usable video(s) with captions; need at least 4")
@@ -252,9 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = torch.cat([v, t]).float()
     change = float(((apply_emcl(x, emcl) - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)).mean())
 
-    out = Path(args.out) if args.out else (run.run_dir or run.checkpoint.parent)
-    name = run.run_dir.name if run.run_dir is not None else run.checkpoint.name
-    title = f"{name}: {split.datatype}/{args.split}, {len(vids)} videos and one caption each"
+    title = f"{loaded.name}: {split.datatype}/{args.split}, {len(vids)} videos and one caption each"
     extra = draw_gap(emb, gap, out / "modality_gap.png", title=title)
     result = {
         **gap,
