@@ -39,7 +39,6 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from emcl.data.video import (
     BACKENDS,
@@ -51,6 +50,7 @@ from emcl.data.video import (
 )
 from emcl.data.workers import worker_context
 from emcl.errors import UserValueError
+from emcl.progress import bar as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -841,7 +841,7 @@ def _store_results(
     """Write each decoded video (each with its completion mark) or its failure as it arrives; returns
     how many were decoded. An undecodable video raises VideoError unless ``skip_bad_videos``."""
     decoded = 0
-    bar = tqdm(total=total, unit="video", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, unit="video", show=progress, dynamic_ncols=True)
     try:
         for item in results:
             vid = item["id"]

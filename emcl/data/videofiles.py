@@ -94,11 +94,10 @@ def run_jobs(work: Callable[[Path, Path], str | None], todo: list[Job], workers:
     """Run ``work(src, dst)`` (None or an error message) over ``todo`` on ``workers`` threads with a
     progress bar, then report counts and every failure (also those already in ``failures``); exit status
     1 if any failed."""
-    from tqdm import tqdm
-
+    from emcl.progress import bar
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(work, s, d): s for s, d in todo}
-        for future in tqdm(as_completed(futures), total=len(futures), unit="video", disable=no_progress):
+        for future in bar(as_completed(futures), show=not no_progress, total=len(futures), unit="video"):
             error = future.result()
             if error is not None:
                 failures[str(futures[future])] = error

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from emcl import dist
 from emcl.amp import autocast
 from emcl.errors import UserError
 from emcl.fileio import save_json, save_torch
+from emcl.progress import bar as progress_bar
 from emcl.train.checkpoint import load_checkpoint, random_states, restore_random_states
 from emcl.train.finite import check_finite_steps, check_finite_weights
 from emcl.train.settings import check_settings, config_dict, saved_config
@@ -267,7 +267,7 @@ def _train_epoch(
     check_every_step = device.type != "cuda"  # a host sync per step is free on the CPU
     model.train()
     set_epoch(tr.loader, epoch)
-    bar = tqdm(tr.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main)
+    bar = progress_bar(tr.loader, show=info.is_main, desc=f"epoch {epoch + 1}/{cfg.epochs}")
     ep = _Epoch(
         index=epoch,
         t0=time.perf_counter(),

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from emcl.clip import build_clip_from_config, load_clip
 from emcl.data.datasets import (
@@ -42,6 +41,7 @@ from emcl.data.loader import build_loader, rank_subset
 from emcl.data.sources import VideoSource
 from emcl.errors import UserError, cli_main
 from emcl.evaluation import encode_split
+from emcl.progress import bar
 from emcl.scoring import score_matrix
 from emcl.train.config import fraction, positive_float, positive_int
 from emcl.train.flags import em_group, flag, frame_group, group
@@ -208,7 +208,7 @@ class EMCLNetTask(RetrievalTask):
         (t,) = encode_split(texts, lambda b: model.encode_text(b["text_ids"], b["text_mask"]),
                             len(split.captions), info.device, cfg.precision, "caption_index", pad)
         f, m, ok = encode_split(
-            tqdm(videos, desc=f"features {split.split}", disable=not info.is_main, leave=False),
+            bar(videos, show=info.is_main, desc=f"features {split.split}", leave=False),
             lambda b: (model.encode_video(b["frames"], b["frame_mask"]), b["frame_mask"], b["valid"]),
             len(split.video_ids), info.device, cfg.precision, "video_index", pad,
         )  # fmt: skip
