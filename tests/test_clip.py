@@ -6,13 +6,12 @@ that our text path (short captions, no padding to 77) and frame path must reprod
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
 import pytest
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, convert_weights_to_lp
+from open_clip.model import CLIP
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -32,6 +31,8 @@ from emcl.clip import (
 )
 from emcl.errors import UserError
 
+from ._clip_files import tiny_openai_clip, write_openai_archive
+
 EMBED_DIM = 32
 IMAGE, PATCH = 32, 8
 VISION_WIDTH, TEXT_WIDTH = 96, 64
@@ -47,42 +48,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------- fixtures
-class _OpenAIArchive(nn.Module):
-    """Holds CLIP's weights under OpenAI's names, in fp16, plus the three metadata tensors of the release."""
-
-    def __init__(self, model: CLIP) -> None:
-        super().__init__()
-        half = copy.deepcopy(model)
-        convert_weights_to_lp(half)  # fp16 conv/linear/attention/projections, as OpenAI ships them
-        for name in ("visual", "transformer", "token_embedding", "ln_final"):
-            setattr(self, name, getattr(half, name))
-        self.positional_embedding = half.positional_embedding
-        self.text_projection = half.text_projection
-        self.logit_scale = half.logit_scale
-        self.register_buffer("input_resolution", torch.tensor(IMAGE))
-        self.register_buffer("context_length", torch.tensor(77))
-        self.register_buffer("vocab_size", torch.tensor(49408))
-
-    def forward(self, text: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(text)
-
-
 @pytest.fixture(scope="module")
 def reference() -> CLIP:
     """A tiny OpenAI-architecture CLIP (QuickGELU) built by open_clip itself, with fp16-exact weights."""
-    torch.manual_seed(0)
-    model = CLIP(
-        EMBED_DIM,
-        vision_cfg=CLIPVisionCfg(layers=2, width=VISION_WIDTH, head_width=VISION_WIDTH, patch_size=PATCH,
-                                 image_size=IMAGE),
-        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=TEXT_WIDTH, heads=1, layers=2),
-        quick_gelu=True,
-    )
-    with torch.no_grad():
-        for param in model.parameters():  # perturb every weight (LN, biases too) so a mix-up shows
-            param.add_(0.02 * torch.randn_like(param)).copy_(param.half().float())
-        model.logit_scale.fill_(math.log(100.0))
-    return model.eval()
+    return tiny_openai_clip(EMBED_DIM, IMAGE, PATCH, VISION_WIDTH, TEXT_WIDTH)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +60,7 @@ def files(reference, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("clip_weights")
     state = reference.state_dict()
     paths = {name: folder / f"{name}.pt" for name in ("jit", "plain", "open_clip", "emcl")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated
-        traced = torch.jit.trace(_OpenAIArchive(reference), torch.zeros(1, 4, dtype=torch.long))
-    traced.save(str(paths["jit"]))
+    write_openai_archive(reference, paths["jit"])
     torch.save(state, paths["plain"])
     torch.save({"epoch": 3, "name": "tiny", "state_dict": {"module." + k: v for k, v in state.items()}},
                paths["open_clip"])

@@ -98,7 +98,7 @@ def parse(
         cfg.do_train = 0
     if not (cfg.do_train or cfg.do_eval):
         raise UserError("nothing to do: pass --do_train 1 and/or --do_eval 1")
-    if cfg.do_eval and not cfg.do_train and not cfg.init_model:
+    if cfg.do_eval and not cfg.do_train and not cfg.init_model and not task.zero_shot:
         raise UserError("--do_eval 1 without training needs --init_model CHECKPOINT")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one")
@@ -240,6 +240,9 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
         raise UserError(f"--eval_split val: {getattr(cfg, 'datatype', task.name)} has no validation split")
 
     init_ck, foreign = _read_init_model(task, cfg)
+    cfg.zero_shot = bool(cfg.do_eval and not cfg.do_train and not cfg.init_model)
+    if cfg.zero_shot:  # pretrained weights evaluated as they are
+        task.prepare_zero_shot()
     resume_ck = load_resume_checkpoint(task, cfg, info, out)  # settings checked before anything is written
     splits = _splits_used(task, cfg)
     _all_ranks(lambda: task.check_data(splits), info, rank0_only=True)
@@ -254,6 +257,8 @@ def _run(task: Task, cfg: argparse.Namespace, info: dist.DistInfo, out: Path) ->
         save_yaml(config_dict(cfg), out / "config.yaml")
 
     metrics: dict[str, Any] = {"finished": False, "task": task.name}
+    if cfg.zero_shot:
+        metrics["zero_shot"] = True
     if cfg.init_model:
         metrics["init_model"] = str(cfg.init_model)
         if foreign is not None:

@@ -61,6 +61,7 @@ class Task:
     # (``{"clip_config": "arch"}``) and common flags that matter more here (MMT: ``{"faithful": "score"}``)
     setting_kinds: ClassVar[dict[str, str]] = {}
     logit_scale_max: ClassVar[float | None] = None  # clamp after every step (CLIP's 100)
+    zero_shot: ClassVar[bool] = False  # eval-only without --init_model: pretrained weights as they are
     trains: ClassVar[bool] = True  # False: an eval-only task (one evaluation, no checkpoints)
     log_name: ClassVar[str] = "train.log"
     result_files: ClassVar[tuple[str, ...]] = RESULT_FILES  # what --overwrite removes of an earlier run
@@ -131,6 +132,9 @@ class Task:
     # ------------------------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    def prepare_zero_shot(self) -> None:
+        """Settle ``cfg`` for a zero-shot evaluation (a task with ``zero_shot = True``)."""
 
     def adopt_checkpoint(self, checkpoint: Any, path: str, configured: set[str]) -> Any:
         """A checkpoint of a foreign layout: settle the architecture in ``cfg`` from it and return an

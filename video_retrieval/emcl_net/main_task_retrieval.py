@@ -99,6 +99,7 @@ class EMCLNetTask(RetrievalTask):
     config_blocks = ("clip_config", "synthetic")
     setting_kinds = {"clip_config": "arch"}
     logit_scale_max = 100.0
+    zero_shot = True
 
     # ------------------------------------------------------------------------------------- model
     def build_model(self) -> EMCLNet:
@@ -119,6 +120,17 @@ class EMCLNetTask(RetrievalTask):
         if cfg.lean_activations:
             model.clip.set_lean_activations(True)
         return model
+
+    def prepare_zero_shot(self) -> None:
+        """Pretrained CLIP from ``--clip_path`` as it is: frames mean-pooled, whatever head the config
+        names (it would be untrained); an untrained ``clip_config`` is refused."""
+        cfg = self.cfg
+        if cfg.clip_config:
+            raise UserError("zero-shot (no --init_model, no training) needs pretrained CLIP weights from "
+                            "--clip_path, but the config's clip_config builds an untrained CLIP")
+        log.info("zero-shot: pretrained CLIP %s as it is, frames mean-pooled (the config's head: %s)",
+                 cfg.clip_path, cfg.agg_module)
+        cfg.agg_module, cfg.zero_shot = "meanP", True
 
     def adopt_checkpoint(self, checkpoint: Any, path: str, configured: set[str]) -> Any:
         """The authors' EMCL-Net files (``pytorch_model.bin.N``) bring their architecture."""
