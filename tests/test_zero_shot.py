@@ -36,7 +36,8 @@ def zero_shot(tmp_path_factory) -> dict:
     config = root / "zero_shot.yaml"
     config.write_text(yaml.safe_dump(cfg))
     flags = ["--config", str(config), "--clip_path", str(clip), "--anno_path", str(data / "annotations"),
-             "--video_path", str(data / "videos"), "--workers", "0", "--batch_size_val", "4", "--device", "cpu"]
+             "--video_path", str(data / "videos"), "--workers", "0", "--batch_size_val", "4",
+             "--device", "cpu"]
     return {"root": root, "data": data, "clip": clip, "config": config, "flags": flags}
 
 
@@ -50,7 +51,8 @@ def test_zero_shot_evaluation_is_labelled_and_is_clip_mean_pooling(zero_shot):
     # policy none is CLIP's zero-shot retrieval: cosine of the caption and the mean of the normalised frames
     clip = load_clip(zero_shot["clip"]).eval()
     split = load_split("msvd", str(zero_shot["data"] / "annotations"), "test")
-    source = VideoSource(str(zero_shot["data"] / "videos"), framerate=2, max_frames=4, size=32, any_extension=True)
+    source = VideoSource(str(zero_shot["data"] / "videos"), framerate=2, max_frames=4, size=32,
+                         any_extension=True)
     with torch.no_grad():
         ids, mask = tokenize(split.captions, 24)
         t = torch.nn.functional.normalize(clip.encode_text(ids, mask).float(), dim=-1)
