@@ -13,7 +13,8 @@ of the reference runs every block in one batched call instead of a Python loop.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -168,3 +169,22 @@ class EMCL(nn.Module):
         if self.normalize_output:
             y = F.normalize(y, dim=-1)
         return y
+
+
+@dataclass(frozen=True)
+class EMSettings:
+    """The settings of a model's EMCL layer (the flags ``--centerK --stage_num --momentum --lamd --beta
+    --em_init`` and the run's seed); a model without EMCL takes ``None`` instead."""
+
+    k: int = 32
+    stage_num: int = 9
+    momentum: float = 0.9
+    lamd: float = 1.0
+    beta: float = 3.0
+    init: Init = "upstream"
+    seed: int = 0
+
+    def layer(self, **extra: Any) -> EMCL:
+        """The layer, with ``extra`` arguments of :class:`EMCL` (e.g. MMT's per-modality options)."""
+        return EMCL(k=self.k, stage_num=self.stage_num, momentum=self.momentum, lamd=self.lamd,
+                    beta=self.beta, init=self.init, seed=self.seed, **extra)

@@ -153,12 +153,8 @@ def t2v_ranks(sim_tv: Tensor, caption_video: Tensor | None = None, ties: str = "
     return gt_ranks(sim_tv, caption_video, ties=ties)
 
 
-def v2t_ranks(
-    sim_tv: Tensor,
-    caption_video: Tensor | None = None,
-    ties: str = "optimistic",
-    candidates: str = "videos",
-) -> Tensor:
+def v2t_ranks(sim_tv: Tensor, caption_video: Tensor | None = None, ties: str = "optimistic",
+              candidates: str = "videos") -> Tensor:
     """Video→text ranks for ``sim_tv`` [T, V]; LongTensor[V].
 
     ``candidates="videos"`` (default): the reference's multi-caption protocol (docs/reference.md,
@@ -225,12 +221,8 @@ def t2v_metrics(sim_tv: Tensor, caption_video: Tensor | None = None, ties: str =
     return metrics_from_ranks(t2v_ranks(sim_tv, caption_video, ties=ties))
 
 
-def v2t_metrics(
-    sim_tv: Tensor,
-    caption_video: Tensor | None = None,
-    ties: str = "optimistic",
-    candidates: str = "videos",
-) -> dict:
+def v2t_metrics(sim_tv: Tensor, caption_video: Tensor | None = None, ties: str = "optimistic",
+                candidates: str = "videos") -> dict:
     """Video→text metrics for ``sim_tv`` [T, V]: every video is a query, see :func:`v2t_ranks`."""
     return metrics_from_ranks(v2t_ranks(sim_tv, caption_video, ties=ties, candidates=candidates))
 

@@ -101,16 +101,9 @@ def rank_rows(a: int, block: int, rank: int, world_size: int) -> tuple[int, int]
 
 
 def score_matrix(
-    score_fn: ScoreFn,
-    t: torch.Tensor,
-    f: torch.Tensor,
-    mask: torch.Tensor | None,
-    mode: EvalBlock = "query",
-    block: int = 32,
-    chunk: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> torch.Tensor:
+    score_fn: ScoreFn, t: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None,
+    mode: EvalBlock = "query", block: int = 32, chunk: int | None = None, rank: int = 0, world_size: int = 1,
+) -> torch.Tensor:  # fmt: skip
     """The (A, V) float32 score matrix, or this rank's share of its rows when ``world_size > 1``.
 
     Rows are dealt to ranks in contiguous spans of whole ``block``-sized text blocks, so concatenating
@@ -215,17 +208,9 @@ def paper_block_embeddings(
 
 
 def embedding_score_matrix(
-    em_fn: EmFn,
-    pair_fn: PairFn,
-    t: torch.Tensor,
-    v: torch.Tensor,
-    extra: torch.Tensor | None = None,
-    mode: EvalBlock = "query",
-    block: int = 32,
-    chunk: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> torch.Tensor:
+    em_fn: EmFn, pair_fn: PairFn, t: torch.Tensor, v: torch.Tensor, extra: torch.Tensor | None = None,
+    mode: EvalBlock = "query", block: int = 32, chunk: int | None = None, rank: int = 0, world_size: int = 1,
+) -> torch.Tensor:  # fmt: skip
     """The (A, V) score matrix (or this rank's rows) for models whose EM transforms text and video
     embeddings jointly and then scores pairs independently, e.g. MMT per modality.
 

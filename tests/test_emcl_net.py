@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from emcl.clip import build_clip
-from emcl.em import EMCL, em_reconstruct
+from emcl.em import EMCL, EMSettings, em_reconstruct
 from emcl.scoring import score_matrix
 from tests.test_em import reference_em
 from video_retrieval.emcl_net.model import EMCLNet, FrameLSTM, pair_video_vectors
@@ -21,7 +21,8 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def model() -> EMCLNet:
     torch.manual_seed(0)
-    return EMCLNet(build_clip(**TINY), agg_module="seqTransf", agg_layers=2, centerK=8, stage_num=5).eval()
+    em = EMSettings(k=8, stage_num=5)
+    return EMCLNet(build_clip(**TINY), agg_module="seqTransf", agg_layers=2, em=em).eval()
 
 
 def batch(n: int = 6, t: int = 4, words: int = 12, seed: int = 0):

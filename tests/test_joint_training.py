@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from emcl.em import EMCL
+from emcl.em import EMCL, EMSettings
 from emcl.loss import hinge_topk
 from emcl.scoring import embedding_score_matrix, paper_block_embeddings
 
@@ -43,9 +43,7 @@ def tiny_mmt(use_emcl: bool = True, **kw):
         heads=2,
         intermediate=32,
         max_position=16,
-        use_emcl=use_emcl,
-        centerK=4,
-        stage_num=3,
+        em=EMSettings(k=4, stage_num=3, beta=3.0) if use_emcl else None,
         **kw,
     )
 

@@ -8,6 +8,7 @@ import torch
 from emcl.amp import autocast
 from emcl.clip import build_clip
 from emcl.clip.memory import LeanLayerNorm, LeanQuickGELU
+from emcl.em import EMSettings
 from video_retrieval.emcl_net.model import EMCLNet
 
 TINY = dict(
@@ -26,7 +27,7 @@ TINY = dict(
 
 def _model() -> EMCLNet:
     torch.manual_seed(0)
-    return EMCLNet(build_clip(**TINY), agg_layers=1, use_emcl=True, centerK=4, stage_num=3)
+    return EMCLNet(build_clip(**TINY), agg_layers=1, em=EMSettings(k=4, stage_num=3))
 
 
 def _batch():

@@ -39,7 +39,7 @@ from emcl.errors import UserError, cli_main
 from emcl.evaluation import encode_split
 from emcl.metrics import format_qa_table, qa_accuracy
 from emcl.train.config import fraction, nonneg_float, nonneg_int, positive_int
-from emcl.train.flags import em_group, flag, frame_group, group
+from emcl.train.flags import em_group, em_settings, flag, frame_group, group
 from emcl.train.optim import build_optimizer, build_scheduler, param_groups
 from emcl.train.runner import run
 from emcl.train.sources import check_skip_fraction, check_split_videos, prepare_synthetic, video_source
@@ -71,8 +71,7 @@ EMCL_QA = group(
          "--faithful only)"),
     flag("--grad_checkpointing", action="store_true", help="recompute CLIP's blocks in the backward pass"),
 )
-MODEL_KEYS = ("temporal_layers", "proj_dim", "hidden_dim", "dropout", "centerK", "stage_num", "momentum",
-              "lamd", "beta", "em_init", "nce_weight", "seed")  # EMCLQA's arguments, named as the flags
+MODEL_KEYS = ("temporal_layers", "proj_dim", "hidden_dim", "dropout", "nce_weight")  # EMCLQA's, as the flags
 
 
 class QATask(Task):
@@ -139,7 +138,7 @@ class QATask(Task):
         if cfg.grad_checkpointing:
             clip.set_grad_checkpointing(True)
         answers = qa_data.qa_vocab(cfg.anno_path)
-        model = EMCLQA(clip, answers, use_emcl=bool(cfg.use_emcl), **{k: getattr(cfg, k) for k in MODEL_KEYS})
+        model = EMCLQA(clip, answers, em=em_settings(cfg), **{k: getattr(cfg, k) for k in MODEL_KEYS})
         if cfg.freeze_clip_embeddings:
             log.info("frozen as in the reference: %s", ", ".join(model.freeze_reference_parts()))
         return model

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emcl.clip import CLIPBackbone, normalize_frames
-from emcl.em import EMCL
+from emcl.em import EMSettings
 from emcl.errors import UserError
 from emcl.loss import symmetric_ce
 from emcl.temporal import FrameTransformer
@@ -40,6 +40,8 @@ REFERENCE_FROZEN = (
     "visual.ln_pre",
 )
 
+
+QA_EM = EMSettings(k=16, stage_num=5, beta=1.0)  # the reference's K, T and beta for this model
 
 class AttentionPool(nn.Module):
     """Learned attention pooling ``sum_i softmax_i(w . x_i + b) x_i`` over the real positions only.
@@ -78,15 +80,8 @@ class EMCLQA(nn.Module):
         proj_dim: int = 2048,
         hidden_dim: int = 8192,
         dropout: float = 0.1,
-        use_emcl: bool = True,
-        centerK: int = 16,  # noqa: N803 - the reference's flag name
-        stage_num: int = 5,
-        momentum: float = 0.9,
-        lamd: float = 1.0,
-        beta: float = 1.0,
-        em_init: str = "upstream",
+        em: EMSettings | None = QA_EM,
         nce_weight: float = 0.5,
-        seed: int = 0,
     ) -> None:
         super().__init__()
         if len(answers) < 1:
@@ -106,12 +101,7 @@ class EMCLQA(nn.Module):
             nn.Linear(2 * proj_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, num_answers)
         )
         self.nce_weight = nce_weight
-        self.emcl = None
-        if use_emcl:
-            self.emcl = EMCL(
-                k=centerK, stage_num=stage_num, momentum=momentum, lamd=lamd, beta=beta, init=em_init,
-                seed=seed,
-            )
+        self.emcl = em.layer() if em is not None else None
 
     @property
     def logit_scale(self) -> torch.Tensor:

@@ -242,45 +242,19 @@ def build_clip(
     if image_size % patch_size:
         raise ValueError(f"image size {image_size} is not a multiple of patch size {patch_size}")
     config = dict(
-        embed_dim=embed_dim,
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_width=vision_width,
-        vision_layers=vision_layers,
-        vision_heads=vision_heads,
-        text_width=text_width,
-        text_layers=text_layers,
-        text_heads=text_heads,
-        context_length=context_length,
-        vocab_size=vocab_size,
-        vision_mlp_ratio=vision_mlp_ratio,
-        text_mlp_ratio=text_mlp_ratio,
-        quick_gelu=quick_gelu,
+        embed_dim=embed_dim, image_size=image_size, patch_size=patch_size, vision_width=vision_width,
+        vision_layers=vision_layers, vision_heads=vision_heads, text_width=text_width,
+        text_layers=text_layers, text_heads=text_heads, context_length=context_length, vocab_size=vocab_size,
+        vision_mlp_ratio=vision_mlp_ratio, text_mlp_ratio=text_mlp_ratio, quick_gelu=quick_gelu,
         nonscalar_logit_scale=nonscalar_logit_scale,
-    )
-    vision_cfg = CLIPVisionCfg(
-        layers=vision_layers,
-        width=vision_width,
-        head_width=vision_width // vision_heads,
-        mlp_ratio=vision_mlp_ratio,
-        patch_size=patch_size,
-        image_size=image_size,
-    )
-    text_cfg = CLIPTextCfg(
-        context_length=context_length,
-        vocab_size=vocab_size,
-        width=text_width,
-        heads=text_heads,
-        layers=text_layers,
-        mlp_ratio=text_mlp_ratio,
-    )
-    model = CLIP(
-        embed_dim,
-        vision_cfg=vision_cfg,
-        text_cfg=text_cfg,
-        quick_gelu=quick_gelu,
-        nonscalar_logit_scale=nonscalar_logit_scale,
-    )
+    )  # fmt: skip
+    vision_cfg = CLIPVisionCfg(layers=vision_layers, width=vision_width, mlp_ratio=vision_mlp_ratio,
+                               head_width=vision_width // vision_heads, patch_size=patch_size,
+                               image_size=image_size)
+    text_cfg = CLIPTextCfg(context_length=context_length, vocab_size=vocab_size, width=text_width,
+                           heads=text_heads, layers=text_layers, mlp_ratio=text_mlp_ratio)
+    model = CLIP(embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg, quick_gelu=quick_gelu,
+                 nonscalar_logit_scale=nonscalar_logit_scale)
     return CLIPBackbone(model, config)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from emcl.em import EMSettings
 from emcl.train.config import fraction, nonneg_float, nonneg_int, positive_float, positive_int
 
 ARCH, SCORE, EXPERIMENT = "arch", "score", "experiment"
@@ -282,6 +283,14 @@ def em_group(
             help="initial bases: upstream is the reference's +-1 draw",
         ),
     )
+
+
+def em_settings(cfg: Any) -> EMSettings | None:
+    """The EMCL layer that :func:`em_group`'s flags describe (``None`` with ``--use_emcl 0``)."""
+    if not cfg.use_emcl:
+        return None
+    return EMSettings(k=cfg.centerK, stage_num=cfg.stage_num, momentum=cfg.momentum, lamd=cfg.lamd,
+                      beta=cfg.beta, init=cfg.em_init, seed=cfg.seed)
 
 
 def frame_group(

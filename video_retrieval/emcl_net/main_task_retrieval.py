@@ -44,7 +44,7 @@ from emcl.evaluation import encode_split
 from emcl.progress import bar
 from emcl.scoring import score_matrix
 from emcl.train.config import fraction, positive_float, positive_int
-from emcl.train.flags import em_group, flag, frame_group, group
+from emcl.train.flags import em_group, em_settings, flag, frame_group, group
 from emcl.train.retrieval import RetrievalTask, drop_unreadable
 from emcl.train.runner import run
 from emcl.train.sources import check_split_videos, prepare_synthetic, video_source
@@ -110,11 +110,8 @@ class EMCLNetTask(RetrievalTask):
             clip = build_clip_from_config(cfg.clip_config, f"{cfg.config or 'config'}: clip_config")
         else:
             clip = load_clip(cfg.clip_path)
-        model = EMCLNet(
-            clip, agg_module=cfg.agg_module, agg_layers=cfg.agg_layers, temp=cfg.temp,
-            use_emcl=bool(cfg.use_emcl), centerK=cfg.centerK, stage_num=cfg.stage_num, momentum=cfg.momentum,
-            lamd=cfg.lamd, beta=cfg.beta, em_init=cfg.em_init, seed=cfg.seed,
-        )  # fmt: skip
+        model = EMCLNet(clip, agg_module=cfg.agg_module, agg_layers=cfg.agg_layers, temp=cfg.temp,
+                        em=em_settings(cfg))
         # after the head is built: the frame transformer's copies of the text blocks are not checkpointed
         model.clip.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", "none"), cfg.checkpoint_layers)
         if cfg.lean_activations:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from emcl.clip import CLIPBackbone, normalize_frames
-from emcl.em import EMCL, em_reconstruct
+from emcl.em import EMCL, EMSettings, em_reconstruct
 from emcl.loss import multi_positive_ce, symmetric_ce
 from emcl.temporal import REFERENCE_LAYER_NORM_EPS, FrameTransformer
 
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 AggModule = Literal["seqTransf", "seqLSTM", "None", "meanP"]
 Pool = Literal["text", "mean"]
 
+
+EMCL_NET_EM = EMSettings(k=32, stage_num=9, beta=3.0)  # the reference's K, T and beta for this model
 
 class FrameLSTM(nn.Module):
     """``seqLSTM``: a one-layer LSTM over the frames plus the input.
@@ -121,14 +123,7 @@ class EMCLNet(nn.Module):
         agg_module: AggModule = "seqTransf",
         agg_layers: int = 4,
         temp: float = 3.0,
-        use_emcl: bool = True,
-        centerK: int = 32,  # noqa: N803 - the reference's flag name
-        stage_num: int = 9,
-        momentum: float = 0.9,
-        lamd: float = 1.0,
-        beta: float = 3.0,
-        em_init: str = "upstream",
-        seed: int = 0,
+        em: EMSettings | None = EMCL_NET_EM,
     ) -> None:
         super().__init__()
         self.clip = clip
@@ -146,17 +141,7 @@ class EMCLNet(nn.Module):
             self.agg = None
         else:
             raise ValueError(f"agg_module must be seqTransf, seqLSTM, None or meanP, got {agg_module!r}")
-        self.emcl = None
-        if use_emcl:
-            self.emcl = EMCL(
-                k=centerK,
-                stage_num=stage_num,
-                momentum=momentum,
-                lamd=lamd,
-                beta=beta,
-                init=em_init,
-                seed=seed,
-            )
+        self.emcl = em.layer() if em is not None else None
 
     @property
     def logit_scale(self) -> torch.Tensor:

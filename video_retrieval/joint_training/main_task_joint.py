@@ -46,7 +46,7 @@ from emcl.loss import hinge_topk
 from emcl.metrics import t2v_metrics, v2t_metrics
 from emcl.scoring import embedding_score_matrix
 from emcl.train.config import fraction, nonneg_float, nonneg_int, positive_float, positive_int
-from emcl.train.flags import EVAL_POLICIES, em_group, evaluation_group, flag, group
+from emcl.train.flags import EVAL_POLICIES, em_group, em_settings, evaluation_group, flag, group
 from emcl.train.retrieval import RetrievalTask
 from emcl.train.runner import run
 
@@ -116,12 +116,11 @@ class JointTask(RetrievalTask):
         """Text BERT from ``--bert_path`` (local files only) plus the MMT heads."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        same = ("same_dim", "max_position", "dropout", "centerK", "stage_num", "momentum", "lamd", "beta")
         return MMT(
-            load_bert(cfg.bert_path, cfg.dropout), parse_experts(cfg.experts), layers=cfg.vid_layers,
-            heads=cfg.vid_heads, intermediate=cfg.vid_intermediate, normalize_experts=_normalize(cfg),
-            use_emcl=bool(cfg.use_emcl), em_init=cfg.em_init, seed=cfg.seed,
-            **{k: getattr(cfg, k) for k in same},  # flags named as MMT's arguments
+            load_bert(cfg.bert_path, cfg.dropout), parse_experts(cfg.experts), same_dim=cfg.same_dim,
+            layers=cfg.vid_layers, heads=cfg.vid_heads, intermediate=cfg.vid_intermediate,
+            max_position=cfg.max_position, dropout=cfg.dropout, normalize_experts=_normalize(cfg),
+            em=em_settings(cfg),
         )  # fmt: skip
 
     def compile_targets(self, model: MMT) -> list[torch.nn.Module]:

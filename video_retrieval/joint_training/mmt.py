@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from emcl.em import EMCL, em_reconstruct
+from emcl.em import EMSettings, em_reconstruct
 from emcl.errors import UserError
 
+MMT_EM = EMSettings(k=64, stage_num=5, beta=3.0)  # the reference's K, T and beta for this model
 
 class ContextGating(nn.Module):
     """``x * sigmoid(BN(W x + b))`` (GLU over [x, BN(fc(x))])."""
@@ -143,14 +144,7 @@ class MMT(nn.Module):
         max_position: int = 32,
         dropout: float = 0.1,
         normalize_experts: bool = False,
-        use_emcl: bool = True,
-        centerK: int = 64,  # noqa: N803 - the reference's name
-        stage_num: int = 5,
-        momentum: float = 0.9,
-        lamd: float = 1.0,
-        beta: float = 3.0,
-        em_init: str = "upstream",
-        seed: int = 0,
+        em: EMSettings | None = MMT_EM,
     ) -> None:
         super().__init__()
         self.modalities = list(experts)
@@ -169,19 +163,8 @@ class MMT(nn.Module):
         self.text_weight_dropout = nn.Dropout(dropout)
         self.text_weight = nn.Linear(text_dim, m)  # one logit per modality (the reference's M Linear(.,1))
         self.emcl = None
-        if use_emcl:
-            self.emcl = EMCL(
-                k=centerK,
-                stage_num=stage_num,
-                momentum=momentum,
-                lamd=lamd,
-                beta=beta,
-                init=em_init,
-                num_modalities=m,
-                lamd_mode="multiply",
-                normalize_output=True,
-                seed=seed,
-            )
+        if em is not None:  # one layer over every modality's embeddings, as the reference
+            self.emcl = em.layer(num_modalities=m, lamd_mode="multiply", normalize_output=True)
 
     # ------------------------------------------------------------------------------------ encoders
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
