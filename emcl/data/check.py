@@ -316,8 +316,10 @@ def check_captions(rep: SplitReport, lengths: dict[str, int], max_words: int, sh
         rep.longest.append({"video_id": rep.video_ids[rep.text_video[i]], "index": i, "tokens": n,
                             "text": text if len(text) <= 160 else text[:157] + "..."})
     if rep.over_max_words:
-        rep.notes.append(f"{rep.over_max_words:,} {rep.text_name} are longer than --max_words {max_words} "
-                         "tokens and will be cut")
+        one = rep.over_max_words == 1
+        name, verb = (rep.text_name[:-1], "is") if one else (rep.text_name, "are")
+        rep.notes.append(f"{rep.over_max_words:,} {name} {verb} longer than --max_words {max_words} tokens "
+                         "and will be cut")
 
 
 # ----------------------------------------------------------------------------------------------- videos
@@ -400,7 +402,7 @@ def video_stats(infos: Iterable[Any]) -> dict[str, Any]:
         "duration_s": {**_spread(durations), "total": round(sum(durations), 1)} if durations else None,
         "fps": _spread([i.fps for i in infos]),
         "frame_sizes": dict(sizes.most_common(5)),
-        "gigabytes": round(sum(i.bytes for i in infos) / 1e9, 3),
+        "gigabytes": round(sum(i.bytes for i in infos) / 1e9, 4),
     }
 
 
@@ -437,7 +439,8 @@ def check_cache(reports: list[SplitReport], path: str, settings: dict[str, Any])
 
 
 def decide(rep: SplitReport, max_skip_fraction: float) -> None:
-    """The split's status and verdict: ready, ready with skips, or not ready (and why)."""
+    """The split's status and verdict: ready, ready with skips, or not ready (and why). With a frame cache
+    the cache's problems count, and unusable files in ``--video_path`` are only noted."""
     from emcl.data.sources import SkipBudget
 
     if rep.cache_problems is not None and rep.video_problems:
@@ -582,15 +585,21 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- output
 
 
-def _ids(items: dict[str, str], show: int, with_reason: bool = True) -> str:
-    shown = [f"{vid} ({reason})" if with_reason else vid for vid, reason in list(items.items())[:show]]
-    more = f", and {len(items) - show} more" if len(items) > show else ""
-    return ", ".join(shown) + more
+def _ids(items: dict[str, str], show: int) -> str:
+    """The first ``show`` ids with their reasons, and how many more there are."""
+    shown = ", ".join(f"{vid} ({reason})" for vid, reason in list(items.items())[:show])
+    if len(items) <= show:
+        return shown
+    return f"{shown}, and {len(items) - show} more" if shown else f"{len(items)} (ids in --json)"
 
 
 def _split_lines(name: str, s: dict[str, Any], report: dict[str, Any], show: int) -> list[str]:
     text_name = "questions" if "questions" in s else "captions"
-    lines = [f"{report['datatype']}/{name}: {s['videos']:,} videos, {s[text_name]:,} {text_name}"]
+    what = f"{report['datatype']}/{name}"
+    if s["errors"] and s["errors"][0].startswith("annotations:"):
+        lines = [f"{what}: the annotations cannot be read"]
+    else:
+        lines = [f"{what}: {s['videos']:,} videos, {s[text_name]:,} {text_name}"]
     if s["expected"]:
         have = [f"{'about ' if e['approx'] else ''}{e['expected']:,} {text_name if k == 'captions' else k} "
                 f"({e['status']})" for k, e in s["expected"].items()]
@@ -605,8 +614,10 @@ def _split_lines(name: str, s: dict[str, Any], report: dict[str, Any], show: int
     stats = s["video_stats"]
     if stats and stats.get("duration_s"):
         d, f = stats["duration_s"], stats["fps"]
+        gb = stats["gigabytes"]
+        size = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.1f} MB"
         lines.append(f"  probed {stats['probed']:,} videos: {d['min']}-{d['max']} s (median {d['median']}), "
-                     f"{f['min']}-{f['max']} fps, {stats['gigabytes']} GB")
+                     f"{f['min']}-{f['max']} fps, {size}")
     lines += [f"  note: {note}" for note in s["notes"]]
     for c in s["longest"][:3]:
         lines.append(f"  long: {c['tokens']} tokens, video {c['video_id']} ({text_name[:-1]} {c['index']}): "
@@ -642,7 +653,12 @@ def format_report(report: dict[str, Any], show: int = 10) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m emcl.data.check``: print the report, write ``--json``; 0 ready, 1 not ready."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logger = logging.getLogger("emcl")  # the parsers' notes (e.g. LSMDC's repeated clip ids) on stderr
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     report = run_check(args)
     print(format_report(report, args.show), flush=True)
     if args.json:
