@@ -152,7 +152,8 @@ def test_probe_reads_metadata_and_names_empty_streams(layouts, tmp_path):
 def test_empty_stream_and_misplaced_file(tmp_path):
     folder = tmp_path / "m"
     make_synthetic(folder, 6, seed=2, format="msrvtt", split_sizes=(4, 0, 2), **TINY)
-    test_ids = [r["video_id"] for r in csv.DictReader(open(folder / "annotations/MSRVTT_JSFUSION_test.csv"))]
+    rows = (folder / "annotations/MSRVTT_JSFUSION_test.csv").read_text().splitlines()
+    test_ids = [r["video_id"] for r in csv.DictReader(rows)]
     write_empty_stream(folder / "videos" / f"{test_ids[0]}.mp4")
     (folder / "videos/sub").mkdir()
     (folder / "videos" / f"{test_ids[1]}.mp4").rename(folder / "videos/sub" / f"{test_ids[1]}.mp4")
@@ -232,7 +233,7 @@ def msrvtt_annotations(real: Path, tmp: Path) -> tuple[Path, str]:
         os.symlink(f, anno / f.name)
     videos, sentences = [], []
     for split, name in lists.items():
-        for row in csv.DictReader(open(real / name)):
+        for row in csv.DictReader((real / name).read_text().splitlines()):
             vid = row["video_id"]
             videos.append({"video_id": vid, "split": split})
             sentences += [{"video_id": vid, "caption": f"a person does thing number {k}",
