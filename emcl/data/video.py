@@ -25,6 +25,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -514,12 +515,7 @@ def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: i
     if max_frames <= 0 or size <= 0 or not framerate > 0:
         raise ValueError(f"max_frames, size and framerate must be positive (got {max_frames}, {size}, "
                          f"{framerate})")
-    if not os.path.exists(path):
-        raise VideoError("file not found", path=path, video_id=vid)
-    if not os.path.isfile(path):
-        raise VideoError("not a regular file", path=path, video_id=vid)
-    if os.path.getsize(path) == 0:
-        raise VideoError("empty file (0 bytes)", path=path, video_id=vid)
+    _check_file(path, vid)
     reader = _READERS[backend](path, vid)
     kept = _sample_frames(reader, framerate, max_frames, size, start, end, index_rounding)
     frames = np.zeros((max_frames, 3, size, size), dtype=np.uint8)
@@ -528,6 +524,123 @@ def read_frames(path: str | os.PathLike[str], *, framerate: float, max_frames: i
     mask = torch.zeros(max_frames, dtype=torch.long)
     mask[: len(kept)] = 1
     return torch.from_numpy(frames), mask
+
+
+def _check_file(path: str, video_id: str) -> int:
+    """The size in bytes of a video file; raises :class:`VideoError` when it is missing, not a regular
+    file, or empty."""
+    if not os.path.exists(path):
+        raise VideoError("file not found", path=path, video_id=video_id)
+    if not os.path.isfile(path):
+        raise VideoError("not a regular file", path=path, video_id=video_id)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise VideoError("empty file (0 bytes)", path=path, video_id=video_id)
+    return size
+
+
+# ------------------------------------------------------------------------------------------ probing
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's container says about it, read without decoding it (:func:`probe_video`).
+
+    ``fps``: the rate :func:`read_frames` will use (frames / duration when the container's rate reads 0).
+    ``frames``: the header's frame count, else duration x fps rounded (None when neither is known).
+    ``duration``: seconds (None when unknown). ``bytes``: the file size. ``width`` / ``height``: the
+    coded frame size. ``decoded_first_frame``: whether the first frame was decoded to prove the stream.
+    """
+
+    path: str
+    bytes: int
+    duration: float | None
+    fps: float
+    frames: int | None
+    width: int
+    height: int
+    decoded_first_frame: bool
+
+
+def _stream_facts(av: Any, container: Any, stream: Any) -> tuple[float | None, int | None, float | None]:
+    """(rate, header frame count, duration in seconds) as the container states them; None where absent."""
+    rate = float(stream.average_rate) if stream.average_rate else None
+    frames = int(stream.frames) if stream.frames and stream.frames > 0 else None
+    duration = None
+    if stream.duration and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / av.time_base
+    return rate, frames, duration
+
+
+def _first_frame_decodes(av: Any, container: Any, stream: Any, error: Callable[[str], VideoError]) -> bool:
+    try:
+        for _ in container.decode(stream):
+            return True
+    except av.FFmpegError as e:
+        raise error(f"the first frame does not decode ({type(e).__name__}: {e})") from None
+    return False
+
+
+def _count_packets(av: Any, path: str, error: Callable[[str], VideoError]) -> int:
+    """Video packets in the file (a pass over the file without decoding, as the reader's fallback)."""
+    container = _av_open(av, path)
+    try:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except av.FFmpegError as e:
+        raise error(f"cannot read packets ({type(e).__name__}: {e})") from None
+    finally:
+        container.close()
+
+
+def probe_video(path: str | os.PathLike[str], *, video_id: str | None = None,
+                decode_first: bool = False) -> VideoInfo:
+    """Read a video's duration, fps, frame count and frame size from its container, without decoding it.
+
+    Used to check a dataset before training (``python -m emcl.data.check``): milliseconds per file where
+    :func:`read_frames` decodes. The first frame is decoded only when the container leaves the rate, the
+    frame count or the duration out (or with ``decode_first``). A rate that reads 0 falls back to
+    frames / duration exactly as the decoder does. Raises :class:`VideoError` for what would stop
+    :func:`read_frames` up front: a missing, empty or unreadable file, no video stream, a stream with no
+    frame ("zero-length: ...") and an fps nothing can replace ("zero fps: ..."). Data damaged after the
+    header is found only by decoding.
+    """
+    import av
+
+    path = os.fspath(path)
+    vid = video_id if video_id is not None else os.path.splitext(os.path.basename(path))[0]
+    size = _check_file(path, vid)
+
+    def error(reason: str) -> VideoError:
+        return VideoError(reason, path=path, video_id=vid)
+
+    try:
+        container = _av_open(av, path)
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
+        raise error(f"unreadable or corrupt file ({type(e).__name__}: {e})") from None
+    try:
+        if not container.streams.video:
+            raise error("the file has no video stream")
+        stream = container.streams.video[0]
+        rate, frames, duration = _stream_facts(av, container, stream)
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        complete = bool(rate and rate > 0 and frames and duration and duration > 0)
+        decoded = (decode_first or not complete) and _first_frame_decodes(av, container, stream, error)
+        if (decode_first or not complete) and not decoded:
+            raise error("zero-length: no frame decodes")
+    finally:
+        container.close()
+    fps = rate if rate is not None and math.isfinite(rate) and rate > 0 else None
+    if fps is None:
+        try:
+            fps = resolve_fps(rate, frames or _count_packets(av, path, error), duration)
+        except ValueError as e:
+            raise error(f"zero fps: {e}") from None
+    if frames is None and duration:
+        frames = int(round(duration * fps))
+    return VideoInfo(path, size, duration, float(fps), frames, width, height, bool(decoded))
 
 
 def find_videos(root: str | os.PathLike[str]) -> dict[str, list[str]]:
