@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-__all__ = ["UserError", "UserValueError", "cli_main"]
+__all__ = ["TASK_TITLES", "UserError", "UserValueError", "cli_main", "describe_task"]
 
 T = TypeVar("T")
 
@@ -23,6 +23,16 @@ class UserError(Exception):
 
 class UserValueError(UserError, ValueError):
     """A :class:`UserError` that is also a ``ValueError`` (bad values in a user's file or config)."""
+
+
+#: How messages name the tasks whose checkpoints a user may mix up (a checkpoint's ``task``).
+TASK_TITLES = {"retrieval": "EMCL-Net", "qa": "EMCL-QA", "joint": "MMT joint training"}
+
+
+def describe_task(name: str) -> str:
+    """``EMCL-QA (task 'qa')``: a task as error messages name it."""
+    title = TASK_TITLES.get(name)
+    return f"{title} (task '{name}')" if title else f"task '{name}'"
 
 
 def cli_main(main: Callable[[list[str] | None], T], argv: Sequence[str] | None = None) -> T:

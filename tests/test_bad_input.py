@@ -1,10 +1,11 @@
-"""Issue 13, end to end: bad input a new user could give EMCL-Net's entry point stops the run with a one-line
-error (exit status 2) that names the file, flag or setting, and leaves no result file that could be
-mistaken for a valid one.
+"""End to end: bad input a new user could give an entry point (EMCL-Net's first, then every trainer and
+the inference module) stops the run with a one-line error (exit status 2) that names the file, flag or
+setting, leaves no result file that could be mistaken for a valid one, and never touches an earlier run's
+files.
 
 Most runs go through ``cli_main(main, argv)`` in this process, exactly what ``python -m
-video_retrieval.emcl_net.main_task_retrieval`` does, to keep the tests fast; the concurrent-run and the
-one-line cases also start the real command in a subprocess.
+video_retrieval.emcl_net.main_task_retrieval`` does, to keep the tests fast; the concurrent-run, the
+one-line and the Ctrl-C cases also start the real command in a subprocess.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ def flags(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def cli(argv: list[str]) -> tuple[int, str]:
-    """Run the entry point in this process as ``python -m`` would: (exit status, stderr)."""
+def cli(argv: list[str], main=mtr.main) -> tuple[int, str]:
+    """Run an entry point (EMCL-Net's unless told) in this process as ``python -m`` would: (exit status,
+    stderr)."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            cli_main(mtr.main, argv)
+            cli_main(main, argv)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
@@ -513,3 +515,486 @@ def test_synthetic_section_typo_names_the_key(tmp_path):
     )
     assert not (tmp_path / "syn").exists()
     no_results(tmp_path / "o")
+
+
+# ===================================================================== every entry point: trainers, inference
+# EMCL-Net (above), MMT joint training, EMCL-QA and the inference module, each as a user types it.
+ENTRIES = ("emcl_net", "mmt", "qa", "inference")
+MODULES = {
+    "emcl_net": MODULE,
+    "mmt": "video_retrieval.joint_training.main_task_joint",
+    "qa": "video_question_answering.main_task_qa",
+    "inference": "video_retrieval.inference_module.main_task_inference",
+}
+
+
+def main_of(entry: str):
+    """The entry point's ``main`` (imported on use: the inference module and MMT pull in their own code)."""
+    import importlib
+
+    return importlib.import_module(MODULES[entry]).main
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder``: an earlier run's files, to compare after a refused run."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _tiny_config(tmp: Path, base: str, name: str, **over) -> Path:
+    config = yaml.safe_load((ROOT / "configs" / base).read_text())
+    for key, value in over.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> dict[str, Path]:
+    """The shipped CPU configs with their synthetic data in a temporary folder and tiny sizes."""
+    tmp = tmp_path_factory.mktemp("configs")
+    small = {"num_videos": 12, "split_sizes": [4, 4, 4]}
+    return {
+        "emcl_net": _tiny_config(tmp, "synthetic.yaml", "emcl_net", epochs=1, batch_size=4, workers=0,
+                                 synthetic={"out": str(tmp / "syn"), **small}),
+        "qa": _tiny_config(tmp, "synthetic_qa.yaml", "qa", epochs=1, batch_size=4, workers=0,
+                           synthetic={"out": str(tmp / "qa"), **small}),
+        "mmt": _tiny_config(tmp, "mmt_synthetic.yaml", "mmt", epochs=1, iters_per_epoch=2, batch_size=8,
+                            batch_size_val=16, synthetic={"out": str(tmp / "experts"), "num_videos": 40,
+                                                          "split_sizes": [24, 16]}),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def emb_files(tmp_path_factory) -> tuple[Path, Path]:
+    """Text and video embeddings of 12 matched pairs, as .npy files."""
+    import numpy as np
+
+    tmp = tmp_path_factory.mktemp("emb")
+    rng = np.random.default_rng(0)
+    video = rng.standard_normal((12, 8)).astype(np.float32)
+    np.save(tmp / "T.npy", video + 0.5 * rng.standard_normal((12, 8)).astype(np.float32))
+    np.save(tmp / "V.npy", video)
+    return tmp / "T.npy", tmp / "V.npy"
+
+
+def entry_argv(
+    entry: str, out: Path, configs: dict[str, Path], emb: tuple[Path, Path], *extra: str
+) -> list[str]:
+    """What a user types to run ``entry`` into ``out`` (the CPU config, or two embedding files)."""
+    if entry == "inference":
+        source = ["--text_emb", str(emb[0]), "--video_emb", str(emb[1])]
+    else:
+        source = ["--config", str(configs[entry])]
+    return [*source, "--output_dir", str(out), "--device", "cpu", *extra]
+
+
+def one_error_line(stderr: str) -> str:
+    """The whole of stderr: exactly one ``error: ...`` line."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------- 8. flag values, refused while parsing
+RANGE = {
+    "eval_block_size": "argument --eval_block_size: 0 is out of range (an integer >= 1)",
+    "max_skip_fraction": "argument --max_skip_fraction: 2 is out of range (a number from 0 to 1)",
+    "lamd": "argument --lamd: 0 is out of range (a number > 0)",
+}
+BAD_VALUES = [
+    *(pytest.param(e, ["--eval_block_size", "0"], RANGE["eval_block_size"], id=f"{e}-eval_block_size")
+      for e in ("emcl_net", "mmt", "inference")),
+    pytest.param("qa", ["--eval_block_size", "0"], "unrecognized arguments: --eval_block_size 0",
+                 id="qa-eval_block_size"),  # QA ranks no retrieval scores: it has no such flag
+    *(pytest.param(e, ["--max_skip_fraction", "2"], RANGE["max_skip_fraction"], id=f"{e}-max_skip_fraction")
+      for e in ENTRIES),
+    *(pytest.param(e, ["--lamd", "0"], RANGE["lamd"], id=f"{e}-lamd") for e in ENTRIES),
+    *(pytest.param(e, ["--beta", "-3"], "argument --beta: -3 is out of range (a number >= 0)", id=f"{e}-beta")
+      for e in ("emcl_net", "mmt", "qa")),
+    # values MMT used to accept before its flags took the shared range-checked types
+    pytest.param("mmt", ["--margin", "-1"], "argument --margin: -1 is out of range (a number >= 0)",
+                 id="mmt-margin"),
+    pytest.param("mmt", ["--gamma", "0"], "argument --gamma: 0 is out of range (a number > 0)",
+                 id="mmt-gamma"),
+    pytest.param("mmt", ["--temp", "3"], "unrecognized arguments: --temp 3", id="mmt-temp"),
+    # the inference module
+    pytest.param("inference", ["--beta", "-4"], "argument --beta: -4 is out of range (a number >= 0)",
+                 id="inference-beta"),
+    pytest.param("inference", ["--K", "0"], "argument --centerK/--K: 0 is out of range (an integer >= 1)",
+                 id="inference-K"),
+    pytest.param("inference", ["--dsl_temperature", "0"],
+                 "argument --dsl_temperature: 0 is out of range (a number > 0)", id="inference-dsl0"),
+    pytest.param("inference", ["--dsl_temperature=-1"],
+                 "argument --dsl_temperature: -1 is out of range (a number > 0)", id="inference-dsl-neg"),
+    pytest.param("inference", ["--sweep", "--sweep_K", "0"],
+                 "argument --sweep_K: 0 is out of range (an integer >= 1)", id="inference-sweep_K"),
+    pytest.param("inference", ["--sweep", "--sweep_K", "2.5"],
+                 "argument --sweep_K: '2.5' is not an integer (an integer >= 1)",
+                 id="inference-sweep_K-float"),
+    pytest.param("inference", ["--sweep", "--sweep_T", "1,0"],
+                 "argument --sweep_T: 0 is out of range (an integer >= 1)", id="inference-sweep_T"),
+    pytest.param("inference", ["--sweep", "--sweep_lamd", "0.1,0"],
+                 "argument --sweep_lamd: 0 is out of range (a number > 0)", id="inference-sweep_lamd"),
+    pytest.param("inference", ["--sweep", "--sweep_beta", "0,-1"],
+                 "argument --sweep_beta: -1 is out of range (a number >= 0)", id="inference-sweep_beta"),
+    pytest.param("inference", ["--sweep", "--sweep_K", ","],
+                 "argument --sweep_K: expected comma-separated values (an integer >= 1), got ','",
+                 id="inference-sweep_K-empty"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("entry, extra, expected", BAD_VALUES)
+def test_out_of_range_values_stop_every_entry_point_in_one_line(entry, extra, expected, configs, emb_files,
+                                                                tmp_path):
+    out = tmp_path / "o"
+    code, err = cli(entry_argv(entry, out, configs, emb_files, *extra), main_of(entry))
+    assert code == 2
+    assert one_error_line(err) == f"error: {expected}"  # no forty-line usage block before it
+    assert not out.exists()  # stopped while parsing: nothing created, nothing scored
+
+
+def test_sweep_lists_in_a_config_file_are_checked_like_flags(emb_files, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sweep: true\nsweep_K: 3,0\n")
+    out = tmp_path / "o"
+    code, err = cli(entry_argv("inference", out, {}, emb_files, "--config", str(path)), main_of("inference"))
+    assert code == 2
+    assert one_error_line(err) == f"error: config {path}: sweep_K: 0 is out of range (an integer >= 1)"
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- 9. the output folder
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_output_dir_that_is_a_file_is_refused_and_left_alone(entry, configs, emb_files, tmp_path):
+    out = tmp_path / "results"
+    out.write_text("notes of an earlier experiment\n")
+    before = digest(tmp_path)
+    code, err = cli(entry_argv(entry, out, configs, emb_files), main_of(entry))
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: --output_dir {out} is a file, not a folder: choose another --output_dir"
+    )
+    assert digest(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_read_only_folder_of_an_earlier_run_is_refused_and_left_alone(entry, configs, emb_files, tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"finished": True, "task": "retrieval"}))
+    (out / "train.log").write_text("epoch 1 done\n")
+    before = digest(out)
+    out.chmod(0o555)
+    try:
+        code, err = cli(entry_argv(entry, out, configs, emb_files), main_of(entry))
+    finally:
+        out.chmod(0o755)
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: output folder {out} is not writable: cannot create {out / '.run.lock'} (Permission denied)"
+    )
+    assert digest(out) == before
+
+
+def test_stale_lock_of_an_inference_run_offers_no_resume(emb_files, tmp_path):
+    """The inference module has no --resume: its stale-lock message says only how to clear the lock."""
+    out = tmp_path / "killed"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"pid": dead.pid, "host": os.uname().nodename, "started": "2026-01-01T00:00:00+00:00",
+             "argv": ["main_task_inference.py"], "token": "x"}  # fmt: skip
+    (out / ".run.lock").write_text(json.dumps(stale))
+    code, err = cli(entry_argv("inference", out, {}, emb_files), main_of("inference"))
+    assert code == 2
+    line = one_error_line(err)
+    assert line.startswith(f"error: output folder {out} has a stale lock") and "--resume" not in line
+    assert line.endswith(
+        f"is no longer running. Check its results and clear the lock with: rm {out / '.run.lock'}"
+    )
+
+
+# ------------------------------------------------------------------------ 10. a checkpoint of another task
+@pytest.fixture(scope="module")
+def mmt_checkpoint(configs, tmp_path_factory) -> Path:
+    """A real MMT checkpoint (one epoch of two steps on the synthetic experts)."""
+    out = tmp_path_factory.mktemp("mmt") / "run"
+    code, err = cli(["--config", str(configs["mmt"]), "--output_dir", str(out), "--device", "cpu"],
+                    main_of("mmt"))
+    assert code == 0, err
+    return out / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def old_qa_checkpoint(tmp_path_factory) -> Path:
+    """An EMCL-QA checkpoint written before checkpoints named their task at the top level: only its config
+    says ``task: qa``."""
+    path = tmp_path_factory.mktemp("qa_ck") / "checkpoint_best.pt"
+    config = {"task": "qa", "task_module": MODULES["qa"], "centerK": 16, "proj_dim": 128}
+    torch.save({"model": {"answer.weight": torch.zeros(3, 4)}, "epoch": 3, "config": config}, path)
+    return path
+
+
+def _foreign(line: str, flag: str, ck: Path, found: str, expected: str) -> bool:
+    titles = {"qa": "EMCL-QA", "joint": "MMT joint training", "retrieval": "EMCL-Net"}
+    module = {"qa": MODULES["qa"], "joint": MODULES["mmt"], "retrieval": MODULE}[found]
+    return line == (
+        f"error: {flag} {ck} is a checkpoint of {titles[found]} (task '{found}'), not of {titles[expected]} "
+        f"(task '{expected}'): its weights fit only {titles[found]}'s model (python -m {module} reads it)"
+    )
+
+
+@pytest.mark.parametrize(
+    "entry, checkpoint, extra",
+    [
+        pytest.param("emcl_net", "old_qa_checkpoint", [], id="qa-to-emcl_net-finetune"),
+        pytest.param("emcl_net", "mmt_checkpoint", ["--do_eval", "1"], id="mmt-to-emcl_net-eval"),
+        pytest.param("qa", "mmt_checkpoint", [], id="mmt-to-qa-finetune"),
+        pytest.param("mmt", "emcl_net_checkpoint", ["--do_eval", "1"], id="emcl_net-to-mmt-eval"),
+        pytest.param("mmt", "old_qa_checkpoint", [], id="qa-to-mmt-finetune"),
+    ],
+)
+def test_init_model_of_another_task_names_both_tasks(entry, checkpoint, extra, configs, emb_files, request,
+                                                     tmp_path):
+    ck = request.getfixturevalue(checkpoint)
+    before = digest(ck.parent)
+    out = tmp_path / "o"
+    argv = entry_argv(entry, out, configs, emb_files, "--init_model", str(ck), *extra)
+    code, err = cli(argv, main_of(entry))
+    assert code == 2
+    found = torch.load(ck, weights_only=False)["config"]["task"]
+    expected = {"emcl_net": "retrieval", "mmt": "joint", "qa": "qa"}[entry]
+    assert _foreign(error_line(err), "--init_model", ck, found, expected), err
+    no_results(out)
+    assert not _trained(out)
+    assert digest(ck.parent) == before
+
+
+@pytest.fixture(scope="module")
+def emcl_net_checkpoint(finished) -> Path:
+    return finished / "checkpoint_last.pt"
+
+
+@pytest.mark.parametrize("checkpoint", ["old_qa_checkpoint", "mmt_checkpoint"])
+def test_emcl_net_checkpoint_flag_given_another_tasks_checkpoint(checkpoint, request, tmp_path):
+    ck = request.getfixturevalue(checkpoint)
+    out = tmp_path / "o"
+    code, err = cli(["--emcl_net_checkpoint", str(ck), "--output_dir", str(out), "--device", "cpu"],
+                    main_of("inference"))
+    assert code == 2
+    found = torch.load(ck, weights_only=False)["config"]["task"]
+    assert _foreign(one_error_line(err), "--emcl_net_checkpoint", ck, found, "retrieval"), err
+    assert not (out / "metrics.json").exists() and not (out / ".run.lock").exists()
+
+
+def test_emcl_net_checkpoint_flag_given_a_file_of_no_known_layout(tmp_path):
+    """Not ours (no config) nor the authors' layout: said so, not "fetch ViT-B-32.pt"."""
+    ck = tmp_path / "weights.pt"
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, ck)
+    argv = ["--emcl_net_checkpoint", str(ck), "--output_dir", str(tmp_path / "o"), "--device", "cpu"]
+    code, err = cli(argv, main_of("inference"))
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: --emcl_net_checkpoint {ck} is not a checkpoint of EMCL-Net (task 'retrieval'): it has no "
+        "'config' entry (ours have one) and is not in the authors' layout"
+    )
+
+
+# ------------------------------------------------------------- 11. CLIP weights that are not CLIP weights
+def _config_without_clip(base: Path, tmp: Path) -> Path:
+    """The tiny config with CLIP read from --clip_path (pretrained weights), not built from clip_config."""
+    config = yaml.safe_load(base.read_text())
+    config.pop("clip_config")
+    path = tmp / "pretrained.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("entry", ["emcl_net", "qa"])
+def test_clip_path_given_a_training_checkpoint_without_clip(entry, configs, mmt_checkpoint, tmp_path):
+    out = tmp_path / "o"
+    config = _config_without_clip(configs[entry], tmp_path)
+    argv = ["--config", str(config), "--clip_path", str(mmt_checkpoint), "--output_dir", str(out),
+            "--device", "cpu"]  # fmt: skip
+    code, err = cli(argv, main_of(entry))
+    assert code == 2
+    line = error_line(err)
+    assert line == (
+        f"error: {mmt_checkpoint} is a training checkpoint of MMT joint training (task 'joint'), not CLIP "
+        "weights, and holds no CLIP: give OpenAI's CLIP release (e.g. ViT-B-32.pt) or an open_clip checkpoint"
+    )
+    no_results(out)
+
+
+def test_clip_path_given_a_file_that_is_no_checkpoint(configs, tmp_path):
+    notes = tmp_path / "ViT-B-32.txt"
+    notes.write_text("download from the CLIP release\n")
+    out = tmp_path / "o"
+    argv = ["--config", str(_config_without_clip(configs["emcl_net"], tmp_path)), "--clip_path", str(notes),
+            "--output_dir", str(out), "--device", "cpu"]  # fmt: skip
+    code, err = cli(argv)
+    assert code == 2
+    assert error_line(err) == (
+        f"error: cannot read CLIP checkpoint {notes}: not a file torch.save or TorchScript wrote"
+    )
+    no_results(out)
+
+
+# ------------------------------------------------------------------------- 12. embedding files (inference)
+@pytest.mark.parametrize("flag_name", ["--text_emb", "--video_emb"])
+def test_all_zero_embedding_rows_are_named_unless_kept(flag_name, emb_files, tmp_path):
+    """A zero vector ties with every candidate and a tie counts as a hit: stop and name the rows, or, with
+    --keep_zero_rows, warn and count them in metrics.json."""
+    import numpy as np
+
+    t, v = emb_files
+    arr = np.load(t if flag_name == "--text_emb" else v)
+    arr[[2, 9]] = 0
+    zero = tmp_path / "zero.npy"
+    np.save(zero, arr)
+    files = {"--text_emb": str(t), "--video_emb": str(v), flag_name: str(zero)}
+    argv = ["--text_emb", files["--text_emb"], "--video_emb", files["--video_emb"], "--device", "cpu"]
+    out = tmp_path / "o"
+    code, err = cli([*argv, "--output_dir", str(out)], main_of("inference"))
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: {flag_name} {zero}: 2 of 12 rows are all zero (row 2, 9); a zero vector ties with every "
+        "candidate and the tie counts as a hit. Fix the export, or pass --keep_zero_rows to score them anyway"
+    )
+    assert not (out / "metrics.json").exists() and not (out / ".run.lock").exists()
+    kept = tmp_path / "kept"
+    code, err = cli([*argv, "--output_dir", str(kept), "--keep_zero_rows"], main_of("inference"))
+    assert code == 0, err
+    metrics = json.loads((kept / "metrics.json").read_text())
+    assert metrics["source"]["zero_rows"] == {flag_name.lstrip("-"): 2}
+    assert f"{flag_name} {zero}: 2 all-zero row(s) kept (--keep_zero_rows): row 2, 9" in (
+        kept / "inference.log").read_text()
+
+
+def test_per_frame_videos_without_a_real_frame_are_all_named(emb_files, tmp_path):
+    import numpy as np
+
+    frames = np.random.default_rng(1).standard_normal((12, 3, 8)).astype(np.float32)
+    frames[[4, 5], :] = 0
+    path = tmp_path / "frames.npy"
+    np.save(path, frames)
+    argv = ["--text_emb", str(emb_files[0]), "--video_emb", str(path), "--output_dir", str(tmp_path / "o"),
+            "--device", "cpu"]  # fmt: skip
+    code, err = cli(argv, main_of("inference"))
+    assert code == 2
+    assert one_error_line(err) == (
+        f"error: --video_emb {path}: 2 of 12 videos have only all-zero (padding) frames (video 4, 5)"
+    )
+
+
+# ----------------------------------------------------------- 13. expert stores, through MMT's entry point
+@pytest.fixture(scope="module")
+def store(configs, mmt_checkpoint) -> Path:
+    """The consolidated synthetic expert store the MMT fixture run read."""
+    return Path(yaml.safe_load(configs["mmt"].read_text())["synthetic"]["out"]) / "experts.h5"
+
+
+def _mmt(configs, store_path: Path, out: Path) -> tuple[int, str]:
+    argv = ["--config", str(configs["mmt"]), "--features", str(store_path), "--output_dir", str(out),
+            "--device", "cpu"]  # fmt: skip
+    return cli(argv, main_of("mmt"))
+
+
+def test_truncated_expert_store(configs, store, tmp_path):
+    cut = tmp_path / "experts.h5"
+    cut.write_bytes(store.read_bytes()[: store.stat().st_size // 3])  # an interrupted copy
+    out = tmp_path / "o"
+    code, err = _mmt(configs, cut, out)
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(f"error: {cut}: cannot read the expert store") and "truncated" in line, line
+    no_results(out)
+    assert not _trained(out)
+
+
+def test_expert_store_with_another_column_count(configs, store, tmp_path):
+    import h5py
+    import numpy as np
+
+    wide = tmp_path / "experts.h5"
+    wide.write_bytes(store.read_bytes())
+    with h5py.File(wide, "a") as h:  # s3d features written 8 wide where the store says 48
+        rows = h["s3d"]["features"].shape[0]
+        del h["s3d"]["features"]
+        h["s3d"].create_dataset("features", data=np.zeros((rows, 8), dtype=np.float32))
+    out = tmp_path / "o"
+    code, err = _mmt(configs, wide, out)
+    assert code == 2
+    line = error_line(err)
+    assert line.startswith(f"error: {wide}: expert 's3d': features of shape ({rows}, 8)"), line
+    no_results(out)
+    assert not _trained(out)
+
+
+def test_non_finite_features_of_a_test_video_stop_before_training(configs, store, tmp_path):
+    import h5py
+    import numpy as np
+
+    bad = tmp_path / "experts.h5"
+    bad.write_bytes(store.read_bytes())
+    test_ids = (store.parent / "val_list_jsfusion.txt").read_text().split()
+    with h5py.File(bad, "a") as h:
+        ids = [x.decode() if isinstance(x, bytes) else str(x) for x in h["video_ids"][()]]
+        vid = test_ids[0]
+        row = ids.index(vid)
+        expert = next(e for e in ("s3d", "rgb", "vggish", "face")
+                      if not h[e]["missing"][row] and h[e]["offsets"][row + 1] > h[e]["offsets"][row])
+        h[expert]["features"][int(h[expert]["offsets"][row]), 0] = np.inf
+    out = tmp_path / "o"
+    code, err = _mmt(configs, bad, out)
+    assert code == 2
+    assert error_line(err) == f"error: {bad}: test features hold NaN or infinity: {vid} ({expert})"
+    no_results(out)
+    assert not list(out.glob("checkpoint_*.pt")) and not _trained(out)
+
+
+# ------------------------------------------------------------------------- 14. Ctrl-C in the inference module
+# The inference module, sent SIGINT by itself at the third sweep point (metrics.json of the main result is
+# written by then), with Python's own SIGINT handler in place even when the test runs as a background job.
+INTERRUPT_IN_SWEEP = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from emcl.errors import cli_main
+from video_retrieval.inference_module import main_task_inference, sweep
+real, calls = sweep.evaluate_settings, []
+
+def interrupt_at_third(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(*args, **kwargs)
+
+sweep.evaluate_settings = interrupt_at_third
+cli_main(main_task_inference.main)
+"""
+
+
+def test_ctrl_c_in_a_sweep_exits_130_and_keeps_the_main_result(emb_files, tmp_path):
+    out = tmp_path / "sweep"
+    argv = entry_argv("inference", out, {}, emb_files, "--sweep", "--sweep_seeds", "2")
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_IN_SWEEP, *argv], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["interrupted (Ctrl-C)"]
+    saved = json.loads((out / "metrics.json").read_text())  # written before the sweep: whole, valid JSON
+    assert saved["finished"] is True and "sweep" not in saved
+    assert set(saved["with_emcl"]) == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}
+    assert not (out / "sweep.csv").exists() and not (out / ".run.lock").exists()
+    assert not list(out.glob(".*.tmp"))
+    before = digest(out)
+    code, err = cli(argv, main_of("inference"))  # the lock is gone: the next run meets the result, not a lock
+    assert code == 2 and "already holds a finished run" in one_error_line(err)
+    assert digest(out) == before
+    code, err = cli([*argv, "--overwrite"], main_of("inference"))
+    assert code == 0, err
+    assert "sweep" in json.loads((out / "metrics.json").read_text())

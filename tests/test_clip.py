@@ -6,6 +6,7 @@ that our text path (short captions, no padding to 77) and frame path must reprod
 
 from __future__ import annotations
 
+import fractions
 import math
 import warnings
 
@@ -315,6 +316,47 @@ def test_resnet_and_foreign_checkpoints_rejected(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read CLIP checkpoint .*garbage.pt"):
         load_clip(tmp_path / "garbage.pt")
+
+
+def test_training_checkpoints_as_clip_weights(reference, tmp_path, caplog):
+    """One of our training checkpoints (random states held as numpy arrays) given as CLIP weights: its CLIP
+    part is read with a warning saying so; one without CLIP (MMT's) is refused in one line naming its task."""
+    import numpy as np
+
+    rng = [{"numpy": np.random.get_state(), "torch": torch.get_rng_state()}]
+    config = {"task": "qa", "task_module": "video_question_answering.main_task_qa"}
+    state = {"clip." + k: v for k, v in reference.state_dict().items()}
+    torch.save({"task": "qa", "rng": rng, "model": state, "config": config}, tmp_path / "qa.pt")
+    with caplog.at_level("WARNING", logger="emcl.clip"):
+        model = load_clip(tmp_path / "qa.pt")
+    assert torch.equal(model.state_dict()["visual.proj"], reference.state_dict()["visual.proj"])
+    assert f"{tmp_path / 'qa.pt'} is a training checkpoint of EMCL-QA (task 'qa'): only its CLIP weights" \
+        in caplog.text
+    mmt = {"task": "joint", "rng": rng, "model": {"text.w": torch.zeros(2)}, "config": {"task": "joint"}}
+    torch.save(mmt, tmp_path / "mmt.pt")
+    with pytest.raises(UserError) as error:
+        load_clip(tmp_path / "mmt.pt")
+    assert str(error.value) == (
+        f"{tmp_path / 'mmt.pt'} is a training checkpoint of MMT joint training (task 'joint'), not CLIP "
+        "weights, and holds no CLIP: give OpenAI's CLIP release (e.g. ViT-B-32.pt) or an open_clip checkpoint"
+    )
+    assert isinstance(error.value, ValueError)  # older ``except ValueError`` callers still catch it
+
+
+def test_loading_errors_are_one_line_user_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    with pytest.raises(UserError) as error:
+        load_clip(tmp_path / "notes.txt")
+    assert str(error.value) == (
+        f"cannot read CLIP checkpoint {tmp_path / 'notes.txt'}: not a file torch.save or TorchScript wrote"
+    )
+    torch.save({"model": {"x": fractions.Fraction(1, 3)}}, tmp_path / "pickled.pt")
+    with pytest.raises(UserError) as error:
+        load_clip(tmp_path / "pickled.pt")
+    assert str(error.value) == (f"cannot read CLIP checkpoint {tmp_path / 'pickled.pt'}: it holds Python "
+                                "objects besides tensors, which a weights file does not")
+    with pytest.raises(UserError, match="not a file"):
+        load_clip(tmp_path)  # a folder
 
 
 # -------------------------------------------------------------------------------------------- clip_config

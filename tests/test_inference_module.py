@@ -825,10 +825,24 @@ def test_process_group_and_lock_released_on_error(tmp_path, monkeypatch):
     assert calls == [1, 1] and (out / "metrics.json").is_file() and not (out / ".run.lock").exists()
 
 
-def test_a_failed_sweep_keeps_the_main_result(tmp_path):
+def test_a_failed_sweep_keeps_the_main_result(tmp_path, monkeypatch):
+    """A sweep that fails part-way (here: an error at its third setting; bad sweep lists are refused while
+    parsing, tests/test_bad_input.py) keeps the main result written before it."""
+    from emcl.errors import UserError
+    from video_retrieval.inference_module import sweep
+
+    real, calls = sweep.evaluate_settings, []
+
+    def fail_at_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise UserError("sweep point 3 failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "evaluate_settings", fail_at_third)
     out = tmp_path / "sweep"
-    code, err = _cli(_files_args(tmp_path, out, "--sweep", "--sweep_lamd", "0.1,0"))
-    assert code == 2 and "--sweep_lamd: lambda must be positive" in err
+    code, err = _cli(_files_args(tmp_path, out, "--sweep"))
+    assert code == 2 and err.strip().splitlines() == ["error: sweep point 3 failed"]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["finished"] is True and saved["task"] == "inference" and "sweep" not in saved
     assert set(saved["with_emcl"]) == {"t2v", "v2t", "t2v_dsl", "v2t_dsl"}

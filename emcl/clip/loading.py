@@ -7,7 +7,9 @@ open_clip training checkpoints of the standard ``CLIP`` class. Nothing is ever d
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
 import re
 import warnings
 import zipfile
@@ -17,7 +19,11 @@ from typing import Any
 
 import torch
 
+from emcl.errors import UserError, UserValueError, describe_task
+
 from .model import CLIPBackbone, build_clip, default_heads
+
+log = logging.getLogger("emcl.clip")
 
 _RELEASE = "https://openaipublic.azureedge.net/clip/models"
 OPENAI_CLIP_URLS = {
@@ -33,6 +39,17 @@ CLIP_DIR_ENV = "EMCL_CLIP_DIR"
 _NAME_PATTERN = re.compile(r"^(ViT|RN)[A-Za-z0-9\-/@]*$", re.IGNORECASE)
 _ANCHOR = "visual.conv1.weight"  # present in every OpenAI/open_clip CLIP (ViT and ResNet)
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+# what the random states in our training checkpoints pickle besides tensors (numpy arrays and dtypes)
+_NUMPY_GLOBALS = ("numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
+                  "numpy.core.multiarray._reconstruct")
+
+
+class UnsupportedCLIPError(UserError, NotImplementedError):
+    """CLIP weights of an architecture this code does not build (ResNet towers, open_clip's custom text)."""
+
+
+class NotAFileError(UserError, IsADirectoryError):
+    """A CLIP path that exists but is a folder."""
 
 
 def clip_search_dirs() -> list[Path]:
@@ -58,7 +75,7 @@ def resolve_checkpoint(path_or_name: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     if path.exists():
-        raise IsADirectoryError(f"CLIP checkpoint path is not a file: {path}")
+        raise NotAFileError(f"CLIP checkpoint path is not a file: {path}")
     if not _NAME_PATTERN.match(text):
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}")
     file_name = _file_name(text)
@@ -83,17 +100,63 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.rsplit("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
 
 
+def _numpy_globals(path: Path) -> list[Any] | None:
+    """The numpy array and dtype classes a training checkpoint's random states need, to be allowed in a
+    weights-only load; None when the file needs anything else (or is not a ``torch.save`` zip file)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
+        return None
+    if not names or not all(n in _NUMPY_GLOBALS or n.startswith("numpy.dtypes.") for n in names):
+        return None
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]  # pickled by class
+    return [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, *dtypes]
+
+
 def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Load a checkpoint file on the CPU: a TorchScript archive's state dict, else ``torch.load`` output."""
+    """Load a checkpoint file on the CPU: a TorchScript archive's state dict, else ``torch.load`` output
+    (weights only; numpy arrays allowed too, which our training checkpoints hold in their random states).
+    A file that cannot be read is a one-line :class:`~emcl.errors.UserValueError` naming it."""
     path = Path(path)
     try:
         if _is_torchscript(path):
             with warnings.catch_warnings():  # TorchScript is deprecated, but it is OpenAI's release format
                 warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=FutureWarning)
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any reader failure: say which file
-        raise ValueError(f"cannot read CLIP checkpoint {path}: {error}") from error
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            allowed = _numpy_globals(path)
+            if allowed is None:
+                raise
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any reader failure: say which file, in one line
+        text = str(error).strip()
+        if not zipfile.is_zipfile(path) and not _is_legacy_torch(path):
+            text = "not a file torch.save or TorchScript wrote"
+        elif isinstance(error, pickle.UnpicklingError) and text.startswith("Weights only load failed"):
+            text = "it holds Python objects besides tensors, which a weights file does not"
+        why = text.splitlines()[0] if text else type(error).__name__
+        raise UserValueError(f"cannot read CLIP checkpoint {path}: {why}") from error
+
+
+def _is_legacy_torch(path: Path) -> bool:
+    """``torch.save``'s pre-1.6 format starts with a pickled magic number (protocol 2: bytes 0x80 0x02)."""
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x80\x02"
+
+
+def _training_task(checkpoint: Any) -> str | None:
+    """The task of one of our training checkpoints (``task``, or its config's), else None."""
+    if not isinstance(checkpoint, Mapping):
+        return None
+    config = checkpoint.get("config")
+    task = checkpoint.get("task") or (config.get("task") if isinstance(config, Mapping) else None)
+    return str(task) if task else None
 
 
 def clip_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -110,11 +173,17 @@ def clip_state_dict(checkpoint: Any, source: str = "checkpoint") -> dict[str, to
             break
         state = nested
     if not isinstance(state, Mapping) or not _anchor_keys(state):
+        task = _training_task(checkpoint)
+        if task is not None:
+            raise UserValueError(
+                f"{source} is a training checkpoint of {describe_task(task)}, not CLIP weights, and holds "
+                "no CLIP: give OpenAI's CLIP release (e.g. ViT-B-32.pt) or an open_clip checkpoint"
+            )
         keys = list(state)[:10] if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"{source}: no CLIP weights found (no key ending in {_ANCHOR!r}; found {keys})")
+        raise UserValueError(f"{source}: no CLIP weights found (no key ending in {_ANCHOR!r}; found {keys})")
     prefixes = {key[: -len(_ANCHOR)] for key in _anchor_keys(state)}
     if len(prefixes) > 1:
-        raise ValueError(f"{source}: several CLIP models found, under prefixes {sorted(prefixes)}")
+        raise UserValueError(f"{source}: several CLIP models found, under prefixes {sorted(prefixes)}")
     prefix = prefixes.pop()
     weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     return {key: value for key, value in weights.items() if key not in _NON_WEIGHT_KEYS}
@@ -135,17 +204,17 @@ def infer_clip_config(state: Mapping[str, torch.Tensor], source: str = "checkpoi
     """
     if "visual.proj" not in state:
         if any(key.startswith(("visual.layer1.", "visual.attnpool.")) for key in state):
-            raise NotImplementedError(
+            raise UnsupportedCLIPError(
                 f"{source}: ModifiedResNet (RN50-style) visual tower; only ViT CLIP backbones are supported"
             )
-        raise ValueError(f"{source}: no 'visual.proj' weight; not a ViT CLIP state dict")
+        raise UserValueError(f"{source}: no 'visual.proj' weight; not a ViT CLIP state dict")
     if "text_projection" not in state:
         if any(key.startswith("text.") for key in state):
-            raise NotImplementedError(
+            raise UnsupportedCLIPError(
                 f"{source}: text tower stored under 'text.' (open_clip CustomTextCLIP); only the standard "
                 "CLIP layout is supported"
             )
-        raise ValueError(f"{source}: no 'text_projection' weight; not a CLIP state dict")
+        raise UserValueError(f"{source}: no 'text_projection' weight; not a CLIP state dict")
     try:
         conv1 = state["visual.conv1.weight"]
         vision_width = conv1.shape[0]
@@ -168,10 +237,11 @@ def infer_clip_config(state: Mapping[str, torch.Tensor], source: str = "checkpoi
             nonscalar_logit_scale=state["logit_scale"].dim() > 0,
         )
     except KeyError as error:
-        raise ValueError(f"{source}: CLIP weight {error.args[0]!r} is missing") from error
+        raise UserValueError(f"{source}: CLIP weight {error.args[0]!r} is missing") from error
     grid = round((vision_tokens - 1) ** 0.5)
     if grid * grid + 1 != vision_tokens:
-        raise ValueError(f"{source}: {vision_tokens} visual positions is not a square patch grid plus CLS")
+        raise UserValueError(f"{source}: {vision_tokens} visual positions is not a square patch grid plus "
+                             "CLS")
     config["image_size"] = config["patch_size"] * grid
     return config
 
@@ -190,7 +260,14 @@ def load_clip(
     ``quick_gelu`` must match the weights' training (True for OpenAI's models).
     """
     path = resolve_checkpoint(path_or_name)
-    state = clip_state_dict(read_checkpoint(path), source=str(path))
+    checkpoint = read_checkpoint(path)
+    state = clip_state_dict(checkpoint, source=str(path))
+    task = _training_task(checkpoint)
+    if task is not None:  # allowed (a fine-tuned backbone), but not what CLIP weights usually are: said
+        log.warning("%s is a training checkpoint of %s: only its CLIP weights are read, as the pretrained "
+                    "backbone (--init_model loads a whole checkpoint of the same task)",
+                    path, describe_task(task))
+    del checkpoint
     config = infer_clip_config(state, source=str(path))
     if vision_heads is not None:
         config["vision_heads"] = vision_heads
@@ -201,6 +278,9 @@ def load_clip(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        message = f"{path}: weights do not fit the inferred CLIP architecture {config}: {error}"
-        raise ValueError(message) from error
+        lines = [line.strip() for line in str(error).strip().splitlines()]
+        why = "; ".join(lines[1:]) or lines[0]  # torch's header line, then one line per kind of mismatch
+        why = why if len(why) <= 400 else why[:400] + " ..."
+        raise UserValueError(f"{path}: weights do not fit the inferred CLIP architecture {config}: {why}") \
+            from error
     return model.to(device)

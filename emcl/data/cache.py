@@ -298,7 +298,8 @@ class FrameCache:
             stored = _stored_window({"start": stored_start, "end": stored_end})
             raise VideoError(
                 f"the frame cache holds {_fmt_window(*stored)}, "
-                f"but {_fmt_window(start, end)} was requested (build the cache with --windows)",
+                f"but {_fmt_window(start, end)} was requested (build the cache with scripts/cache_frames.py "
+                "--windows)",
                 path=self.path,
                 video_id=video_id,
             )

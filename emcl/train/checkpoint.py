@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from emcl.errors import UserError
+from emcl.errors import TASK_TITLES, UserError, describe_task
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -24,8 +24,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    except Exception as e:  # corrupt or foreign file: one line
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {why}") from e
+
+
+def checkpoint_task(checkpoint: Any) -> str | None:
+    """The task that trained one of our checkpoints: its top-level ``task``, else (older checkpoints) its
+    config's; None for anything else (the authors' files, a bare state dict)."""
+    if not isinstance(checkpoint, dict):
+        return None
+    task = checkpoint.get("task")
+    config = checkpoint.get("config")
+    if not task and isinstance(config, dict):
+        task = config.get("task")
+    return str(task) if task else None
+
+
+def check_checkpoint_task(checkpoint: Any, path: str | os.PathLike, expected: str, flag: str) -> None:
+    """A checkpoint of another of our tasks given to ``flag`` is one line naming both tasks (and the entry
+    point that reads it), before any model is built; checkpoints that name no task pass."""
+    found = checkpoint_task(checkpoint)
+    if found is None or found == expected:
+        return
+    module = checkpoint["config"].get("task_module") if isinstance(checkpoint.get("config"), dict) else None
+    where = f" (python -m {module} reads it)" if module else ""
+    title = TASK_TITLES.get(found, f"task '{found}'")
+    raise UserError(f"{flag} {path} is a checkpoint of {describe_task(found)}, not of "
+                    f"{describe_task(expected)}: its weights fit only {title}'s model{where}")
 
 
 def random_states() -> dict[str, Any]:

@@ -14,13 +14,14 @@ import difflib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from emcl.errors import UserValueError
 
 __all__ = [
+    "OneLineParser",
     "check_keys",
     "fraction",
     "load_yaml",
@@ -70,6 +71,14 @@ nonneg_int = _ranged(int, lambda v: v >= 0, "an integer >= 0", "nonneg_int")
 positive_float = _ranged(float, lambda v: v > 0, "a number > 0", "positive_float")
 nonneg_float = _ranged(float, lambda v: v >= 0, "a number >= 0", "nonneg_float")
 fraction = _ranged(float, lambda v: 0 <= v <= 1, "a number from 0 to 1", "fraction")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``error: argument --lr: ...`` (exit status 2), like
+    every other error a user can fix: no usage block of forty lines to scroll past (``--help`` has it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}\n")
 
 
 # ------------------------------------------------------------------------------------------ YAML
@@ -200,7 +209,7 @@ def parse_args(
     Abbreviated flags are refused.
     """
     parser.allow_abbrev = False
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = OneLineParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
     extra_keys = list(dict.fromkeys(extra_keys))  # in the task's order: saved configs keep one key order

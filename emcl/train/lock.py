@@ -85,8 +85,9 @@ class RunLock:
     removes it (DataLoader workers forked from it do not), and only while the file is still its own.
     """
 
-    def __init__(self, output_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, output_dir: str | os.PathLike[str], resumable: bool = True) -> None:
         self.output_dir = Path(output_dir)
+        self.resumable = resumable  # whether the tool has --resume (the inference module has not)
         self.path = self.output_dir / LOCK_NAME
         self.held = False
         self.removed: list[Path] = []  # what check_output_dir removed (--overwrite), for the run's log
@@ -145,10 +146,12 @@ class RunLock:
             )
         if rec.get("host") == socket.gethostname():
             if self._stale(rec):
+                resume = "Pass --resume to continue that run (it takes the lock over), or check" \
+                    if self.resumable else "Check"
                 return UserError(
                     f"output folder {self.output_dir} has a stale lock: the run that took it "
-                    f"({self._describe(rec)}) is no longer running. Pass --resume to continue that run "
-                    f"(it takes the lock over), or check its results and clear the lock with: {self._rm()}"
+                    f"({self._describe(rec)}) is no longer running. {resume} its results and clear the "
+                    f"lock with: {self._rm()}"
                 )
             return UserError(
                 f"output folder {self.output_dir} is in use by another run: {self._describe(rec)}. "
@@ -169,6 +172,9 @@ class RunLock:
         """
         if self.held:
             return self
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            kind = "a file, not a folder" if self.output_dir.is_file() else "not a folder"
+            raise UserError(f"--output_dir {self.output_dir} is {kind}: choose another --output_dir")
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -23,7 +23,7 @@ from emcl.amp import autocast
 from emcl.errors import UserError
 from emcl.fileio import save_json, save_torch
 from emcl.progress import bar as progress_bar
-from emcl.train.checkpoint import load_checkpoint, random_states, restore_random_states
+from emcl.train.checkpoint import check_checkpoint_task, load_checkpoint, random_states, restore_random_states
 from emcl.train.finite import check_finite_steps, check_finite_weights
 from emcl.train.settings import check_settings, config_dict, saved_config
 from emcl.train.sources import check_skip_fraction
@@ -91,6 +91,7 @@ def load_resume_checkpoint(
     if not (cfg.do_train and cfg.resume and last.is_file()):
         return None
     ck = load_checkpoint(last, map_location=info.device)
+    check_checkpoint_task(ck, last, task.name, "--resume:")
     saved = saved_config(ck, last)
     if saved is not None:
         check_settings(

@@ -33,8 +33,8 @@ from torch import nn
 from emcl import dist
 from emcl.errors import UserError
 from emcl.fileio import save_yaml
-from emcl.train.checkpoint import load_checkpoint
-from emcl.train.config import parse_args
+from emcl.train.checkpoint import check_checkpoint_task, load_checkpoint
+from emcl.train.config import OneLineParser, parse_args
 from emcl.train.lock import RunLock
 from emcl.train.logs import setup_logging
 from emcl.train.loop import load_resume_checkpoint, train
@@ -49,8 +49,8 @@ log = logging.getLogger("emcl.run")
 
 def build_parser(task: type[Task], description: str | None = None) -> argparse.ArgumentParser:
     """The task's flags (shared groups and its own); abbreviations are refused (``--lam`` is not
-    ``--lamd``)."""
-    p = argparse.ArgumentParser(
+    ``--lamd``); a bad flag is one line, ``error: argument --lamd: ...``, exit status 2."""
+    p = OneLineParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -178,7 +178,7 @@ def prepare_output(out: Path, info: dist.DistInfo, *, resume: bool, overwrite: b
 
     def take() -> RunLock:
         # the lock first: --overwrite must never delete the files of a run that is still going
-        lock = RunLock(out)
+        lock = RunLock(out, resumable=resumable)
         lock.acquire(take_stale=resume)  # a requeued job resumes after its killed predecessor
         try:
             lock.removed = check_output_dir(out, resume, overwrite, result_patterns, resumable)
@@ -305,6 +305,7 @@ def _read_init_model(task: Task, cfg: argparse.Namespace) -> tuple[dict | None, 
     if not cfg.init_model:
         return None, None
     init_ck = load_checkpoint(cfg.init_model)
+    check_checkpoint_task(init_ck, cfg.init_model, task.name, "--init_model")  # before any other check
     foreign = task.adopt_checkpoint(init_ck, str(cfg.init_model), configured_keys(cfg))
     if foreign is not None:
         return None, foreign

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from emcl.dist import DistInfo
-from emcl.errors import UserError
-from emcl.train.checkpoint import load_checkpoint
+from emcl.errors import UserError, describe_task
+from emcl.train.checkpoint import check_checkpoint_task, load_checkpoint
 from emcl.train.config import load_yaml
 from emcl.train.task import Task
 
@@ -116,6 +116,7 @@ def load_run(
     config: str | os.PathLike | dict | None = None,
     device: str | torch.device = "cpu",
     overrides: dict[str, Any] | None = None,
+    expect: tuple[str, str] | None = None,
 ) -> LoadedRun:
     """Build a run's model and load its weights.
 
@@ -124,7 +125,8 @@ def load_run(
     ``config`` (a YAML file or a dict); ``overrides``. Checkpoint: ``checkpoint``, else the run folder's
     ``checkpoint_best.pt``, else its ``checkpoint_last.pt``. A checkpoint of a foreign layout that the task
     reads (the authors' EMCL-Net files) brings its architecture; the config then gives the rest. Errors
-    name the file or key at fault.
+    name the file or key at fault. ``expect`` (task name, flag): a checkpoint of another of our tasks is
+    refused before any model is built, in one line naming both tasks and the flag.
     """
     if run_dir is None and checkpoint is None:
         raise UserError("give a run folder or a checkpoint")
@@ -134,10 +136,14 @@ def load_run(
         ck = load_checkpoint(ck_path, map_location="cpu")
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(str(e)) from e
+    if expect is not None:
+        check_checkpoint_task(ck, ck_path, *expect)
     values: dict[str, Any] = {}
     if isinstance(ck, dict) and isinstance(ck.get("config"), dict):
         values.update(ck["config"])
-    given = _user_settings(run_path, config, overrides)
+    given = _user_settings(run_path, config)
+    described = bool(values or given)  # a config says which model the weights are for (overrides do not)
+    given.update(overrides or {})
     values.update(given)
     task_cls = import_task(values)
     # settings added to the task since the run was made take their defaults
@@ -145,7 +151,10 @@ def load_run(
     dev = torch.device(device)
     task = task_cls(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=dev, is_main=True))
     foreign = task.adopt_checkpoint(ck, str(ck_path), set(given))
-    if foreign is None and not values:
+    if foreign is None and not described:
+        if expect is not None:  # an entry point's flag: its --config gives no model settings
+            raise UserError(f"{expect[1]} {ck_path} is not a checkpoint of {describe_task(expect[0])}: it "
+                            "has no 'config' entry (ours have one) and is not in the authors' layout")
         where = f"{run_path / 'config.yaml'} or " if run_path is not None else ""
         raise UserError(f"no config: {where}the checkpoint {ck_path} has no 'config' entry; pass --config")
     try:
@@ -164,10 +173,8 @@ def load_run(
     return LoadedRun(cfg=cfg, model=model, task=task, checkpoint=ck_path, run_dir=run_path, device=dev)
 
 
-def _user_settings(
-    run_path: Path | None, config: str | os.PathLike | dict | None, overrides: dict[str, Any] | None
-) -> dict[str, Any]:
-    """``run_dir/config.yaml``, then ``config`` (YAML file or dict), then ``overrides``: what the user set."""
+def _user_settings(run_path: Path | None, config: str | os.PathLike | dict | None) -> dict[str, Any]:
+    """``run_dir/config.yaml``, then ``config`` (YAML file or dict): what the user set."""
     values: dict[str, Any] = {}
     if run_path is not None and (run_path / "config.yaml").is_file():
         values.update(load_yaml(run_path / "config.yaml"))
@@ -178,7 +185,6 @@ def _user_settings(
             values.update(load_yaml(config))
         except (FileNotFoundError, ValueError) as e:
             raise UserError(str(e)) from e
-    values.update(overrides or {})
     return values
 
 

@@ -145,6 +145,31 @@ def _float_tensor(arr: np.ndarray, what: str, spec: str, ndims: tuple[int, ...])
     return x
 
 
+def _first(indices: list[int], n: int = 10) -> str:
+    """``3, 7, 9`` or ``0, 1, ..., 9 and 5 more``."""
+    return ", ".join(map(str, indices[:n])) + (f" and {len(indices) - n} more" if len(indices) > n else "")
+
+
+def check_zero_rows(x: torch.Tensor, what: str, spec: str, keep: bool, info: dict[str, Any]) -> None:
+    """All-zero rows of a (rows, D) embedding: an error naming the file and the first rows, or, with
+    ``--keep_zero_rows``, a warning and their count in ``info["zero_rows"]`` (``metrics.json``).
+
+    A zero vector scores the same against every candidate: a tie, which the metrics rank as a hit, so such
+    rows would raise R@K without saying so (a failed or padded export is the usual cause)."""
+    rows = (x == 0).all(dim=1).nonzero().flatten().tolist()
+    if not rows:
+        return
+    listed = _first(rows)
+    if not keep:
+        raise UserError(
+            f"{what} {spec}: {len(rows)} of {x.shape[0]} rows are all zero (row {listed}); a zero vector "
+            "ties with every candidate and the tie counts as a hit. Fix the export, or pass --keep_zero_rows "
+            "to score them anyway"
+        )
+    log.warning("%s %s: %d all-zero row(s) kept (--keep_zero_rows): row %s", what, spec, len(rows), listed)
+    info.setdefault("zero_rows", {})[what.lstrip("-")] = len(rows)
+
+
 def read_caption_video(spec: str | None, num_texts: int, num_videos: int) -> torch.Tensor:
     """The caption→video index array (A,), or the diagonal when ``spec`` is None (needs A == V)."""
     if spec is None:
@@ -212,31 +237,43 @@ def from_files(cfg: argparse.Namespace) -> Embeddings:
             "caption_video": cfg.caption_video,
         },
     )
+    keep = bool(getattr(cfg, "keep_zero_rows", False))
+    check_zero_rows(t, "--text_emb", cfg.text_emb, keep, emb.info)
+    if v.dim() == 2:
+        check_zero_rows(v, "--video_emb", cfg.video_emb, keep, emb.info)
     if v.dim() == 3:
         emb.frame_mask = frame_mask_of(v)
-        empty = (emb.frame_mask.sum(dim=1) == 0).nonzero().flatten()
-        if len(empty):
-            raise UserError(
-                f"--video_emb {cfg.video_emb}: video {int(empty[0])} has only all-zero (padding) frames"
-            )
+        empty = (emb.frame_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise UserError(f"--video_emb {cfg.video_emb}: {len(empty)} of {v.shape[0]} videos have only "
+                            f"all-zero (padding) frames (video {_first(empty)})")
         emb.pooling = "text" if cfg.frame_pooling == "text" else "pooled"  # default for files: mean
         emb.info["frames"] = int(v.shape[1])
     if bool(cfg.tab_text_emb) != bool(cfg.tab_video_emb):
         raise UserError("--tab_text_emb and --tab_video_emb go together")
     if cfg.tab_text_emb:
-        gt = _float_tensor(
-            read_array(cfg.tab_text_emb, "--tab_text_emb"), "--tab_text_emb", cfg.tab_text_emb, (2,)
-        )
-        gv = _float_tensor(
-            read_array(cfg.tab_video_emb, "--tab_video_emb"), "--tab_video_emb", cfg.tab_video_emb, (2,)
-        )
-        if gt.shape[0] != t.shape[0] or gv.shape[0] != v.shape[0] or gt.shape[1] != gv.shape[1]:
-            raise UserError(
-                f"--tab_text_emb {tuple(gt.shape)} / --tab_video_emb {tuple(gv.shape)} do not match "
-                f"{t.shape[0]} texts and {v.shape[0]} videos"
-            )
-        emb.tab_text, emb.tab_video, emb.center_weight = gt, gv, cfg.center_weight
+        emb.tab_text, emb.tab_video = _tab_pair(cfg, t, v, keep, emb.info)
+        emb.center_weight = cfg.center_weight
     return emb
+
+
+def _tab_pair(cfg: argparse.Namespace, t: torch.Tensor, v: torch.Tensor, keep: bool,
+              info: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--tab_text_emb`` / ``--tab_video_emb``: one vector per text and per video of ``t`` and ``v``."""
+    gt = _float_tensor(
+        read_array(cfg.tab_text_emb, "--tab_text_emb"), "--tab_text_emb", cfg.tab_text_emb, (2,)
+    )
+    gv = _float_tensor(
+        read_array(cfg.tab_video_emb, "--tab_video_emb"), "--tab_video_emb", cfg.tab_video_emb, (2,)
+    )
+    if gt.shape[0] != t.shape[0] or gv.shape[0] != v.shape[0] or gt.shape[1] != gv.shape[1]:
+        raise UserError(
+            f"--tab_text_emb {tuple(gt.shape)} / --tab_video_emb {tuple(gv.shape)} do not match "
+            f"{t.shape[0]} texts and {v.shape[0]} videos"
+        )
+    check_zero_rows(gt, "--tab_text_emb", cfg.tab_text_emb, keep, info)
+    check_zero_rows(gv, "--tab_video_emb", cfg.tab_video_emb, keep, info)
+    return gt, gv
 
 
 def prepare(emb: Embeddings, normalize: bool, device: torch.device, temp: float | None = None) -> Embeddings:
@@ -447,9 +484,11 @@ def from_emcl_net(cfg: argparse.Namespace, info: dist.DistInfo) -> Embeddings:
             overrides[key] = getattr(cfg, key)
     overrides.update(batch_size_val=cfg.batch_size_val, workers=cfg.workers, precision=cfg.precision,
                      skip_bad_videos=cfg.skip_bad_videos, max_skip_fraction=cfg.max_skip_fraction)
-    run = load_run(checkpoint=cfg.emcl_net_checkpoint, overrides=overrides, device=info.device)
-    if not isinstance(run.task, retrieval.TASK):
-        raise UserError(f"{cfg.emcl_net_checkpoint}: a checkpoint of task '{run.task.name}', not of EMCL-Net")
+    run = load_run(checkpoint=cfg.emcl_net_checkpoint, overrides=overrides, device=info.device,
+                   expect=(retrieval.TASK.name, "--emcl_net_checkpoint"))
+    if not isinstance(run.task, retrieval.TASK):  # a checkpoint naming no task, with another's task_module
+        raise UserError(f"--emcl_net_checkpoint {cfg.emcl_net_checkpoint} is a checkpoint of task "
+                        f"'{run.task.name}', not of EMCL-Net (task 'retrieval')")
     ncfg, model = run.cfg, run.model
     log.info(
         "loaded EMCL-Net from %s (trained with use_emcl=%s)",

@@ -75,6 +75,9 @@ FILES = group(
     flag("--frame_pooling", default=None, choices=("mean", "text"),
          help="per-frame video features: mean (normalised frames, masked mean; default for files) or text "
          "(EMCL-Net's text-conditioned pooling; default for EMCL-Net checkpoints)"),
+    flag("--keep_zero_rows", action="store_true",
+         help="score all-zero rows of the embedding files (each ties with every candidate, a tie counts as "
+         "a hit) instead of stopping; their count goes into metrics.json"),
     flag("--temp", type=positive_float, default=3.0,
          help="frame-pooling temperature of --frame_pooling text for files (checkpoints use their own)"),
 )

@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,8 @@ from typing import Any
 import torch
 
 from emcl import dist
-from emcl.errors import UserError
 from emcl.fileio import save_bytes
-from emcl.train.config import nonneg_int
+from emcl.train.config import nonneg_float, nonneg_int, positive_float, positive_int
 from emcl.train.flags import flag, group
 
 from .embeddings import Embeddings
@@ -36,10 +36,34 @@ SWEEP_DEFAULTS = {
     "lamd": "0.01,0.03,0.05,0.1,0.2,0.5,1",
     "beta": "0,0.5,1,2,3,4,6,8",
 }
+
+
+def values(text: str, convert: Callable[[str], Any]) -> list[Any]:
+    """Comma-separated values, each checked by ``convert`` (e.g. :func:`positive_int`)."""
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated values ({convert.allowed}), got {text!r}")
+    return [convert(x) for x in items]
+
+
+def value_list(convert: Callable[[str], Any]) -> Callable[[str], str]:
+    """argparse type of a sweep list: every value checked at parse time (``--sweep_K 0`` stops before the
+    output folder is touched or anything is scored); the flag keeps its text, so that a saved
+    ``config.yaml`` reads back."""
+
+    def parse(text: str) -> str:
+        return ",".join(str(v) for v in values(text, convert))
+
+    parse.__name__ = f"list of {convert.__name__}"
+    return parse
+
+
+SWEEP_TYPES = {"K": positive_int, "T": positive_int, "lamd": positive_float, "beta": nonneg_float}
 SWEEP = group(
     "sweep",
     flag("--sweep", action="store_true", help="also sweep K, T, lambda, beta and mu seeds"),
-    *(flag(f"--sweep_{key}", default=value, help=f"comma-separated {key} values")
+    *(flag(f"--sweep_{key}", type=value_list(SWEEP_TYPES[key]), default=value,
+           help=f"comma-separated {key} values ({SWEEP_TYPES[key].allowed})")
       for key, value in SWEEP_DEFAULTS.items()),
     flag(
         "--sweep_seeds",
@@ -50,27 +74,13 @@ SWEEP = group(
 )
 
 
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--sweep_{name}: expected comma-separated numbers, got {text!r}") from None
-
-
 def sweep_settings(cfg: argparse.Namespace, base: EMSettings) -> list[tuple[str, EMSettings]]:
-    """One-at-a-time sweeps around ``base`` over K, T, lambda, beta; then mu seeds (upstream and gaussian
-    init) and the deterministic linspace init."""
+    """One-at-a-time sweeps around ``base`` over K, T, lambda, beta (lists checked at parse time); then mu
+    seeds (upstream and gaussian init) and the deterministic linspace init."""
     runs: list[tuple[str, EMSettings]] = []
-    for k in _floats(cfg.sweep_K, "K"):
-        runs.append(("K", replace(base, K=int(k))))
-    for t in _floats(cfg.sweep_T, "T"):
-        runs.append(("T", replace(base, T=int(t))))
-    for lam in _floats(cfg.sweep_lamd, "lamd"):
-        if lam <= 0:
-            raise UserError(f"--sweep_lamd: lambda must be positive, got {lam}")
-        runs.append(("lamd", replace(base, lamd=lam)))
-    for b in _floats(cfg.sweep_beta, "beta"):
-        runs.append(("beta", replace(base, beta=b)))
+    for axis in ("K", "T", "lamd", "beta"):
+        axis_values = values(getattr(cfg, f"sweep_{axis}"), SWEEP_TYPES[axis])
+        runs += [(axis, replace(base, **{axis: v})) for v in axis_values]
     seeds = list(range(cfg.sweep_seeds))
     if cfg.sweep_seeds and base.seed not in seeds:  # the run's own draw, marked in the plot
         seeds.append(base.seed)
