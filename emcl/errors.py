@@ -7,12 +7,13 @@ from a built-in error (``ValueError``, ``RuntimeError``) keep older ``except Val
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
-__all__ = ["UserError", "UserValueError", "cli_main"]
+__all__ = ["OneLineParser", "UserError", "UserValueError", "cli_main"]
 
 T = TypeVar("T")
 
@@ -23,6 +24,15 @@ class UserError(Exception):
 
 class UserValueError(UserError, ValueError):
     """A :class:`UserError` that is also a ``ValueError`` (bad values in a user's file or config)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are :class:`UserError`: under :func:`cli_main` a bad flag prints
+    one line (``error: argument -k: 0 is out of range (an integer >= 1)``) and exits 2, without the usage
+    block. Sub-command parsers made by ``add_subparsers`` are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
 
 
 def cli_main(main: Callable[[list[str] | None], T], argv: Sequence[str] | None = None) -> T:
