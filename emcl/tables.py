@@ -202,6 +202,7 @@ class SubRuns:
         self.path = self.out / RECORD
         self.runs: dict[str, dict[str, Any]] = self._read()
         self.removed: set[str] = set()
+        self._forgotten: list[Path] = []
         self._lock = threading.Lock()
 
     def _read(self) -> dict[str, dict[str, Any]]:
@@ -272,22 +273,24 @@ class SubRuns:
     def _save(self) -> None:
         save_json({"format": RECORD_FORMAT, "version": 1, "runs": self.runs}, self.path)
 
-    def remove_all(self, dry_run: bool = False) -> list[Path]:
-        """Remove the sub-run folders the record names (folders directly in the table's folder, not links)
-        and the record; with ``dry_run`` only say which. Returns them."""
-        folders = []
-        for name in self.runs:
-            folder = self.out / name
-            if Path(name).name == name and folder.is_dir() and not folder.is_symlink():
-                folders.append(folder)
-        if not dry_run:
-            for folder in folders:
-                shutil.rmtree(folder)
-            self.path.unlink(missing_ok=True)
-            if folders:
-                log.warning("--overwrite: removed the table's earlier runs: %s",
-                            ", ".join(str(f) for f in folders))
-        self.removed, self.runs = set(self.runs), {}
+    def forget(self) -> list[Path]:
+        """``--overwrite``: treat the recorded runs as gone (their folders are to be run afresh) without
+        removing anything yet; :meth:`remove_forgotten` removes them. Returns their folders."""
+        self.removed |= set(self.runs)
+        self._forgotten = [self.out / n for n in self.runs if Path(n).name == n and (self.out / n).is_dir()
+                           and not (self.out / n).is_symlink()]
+        self.runs = {}
+        return self._forgotten
+
+    def remove_forgotten(self) -> list[Path]:
+        """Remove the folders of the runs :meth:`forget` set aside (folders directly in the table's folder,
+        not links), and the record; returns them."""
+        folders, self._forgotten = self._forgotten, []
+        for folder in folders:
+            shutil.rmtree(folder)
+        self.path.unlink(missing_ok=True)
+        if folders:
+            log.warning("--overwrite: removed the table's earlier runs: %s", ", ".join(map(str, folders)))
         return folders
 
 
@@ -295,24 +298,31 @@ class TableFolder(ToolOutput):
     """A table script's output folder (``--output_dir``), held for the script's whole run:
     ``with TableFolder(out, ...) as table:`` takes its lock, refuses a folder holding a finished table
     (``table_files``) unless ``overwrite`` and one holding a run's results at its top level always, and
-    reads the record of its sub-runs (``table.record``). With ``overwrite`` the table's own files (the
-    table, the run logs ``logs``, the record) and its recorded sub-run folders are removed on entry."""
+    reads the record of its sub-runs (``table.record``). The script then checks every sub-run folder
+    (``table.record.plan``) and calls :meth:`begin`, which with ``overwrite`` removes the table's own files
+    (the table, the run logs ``logs``, the record) and its recorded sub-run folders: a refusal comes before
+    anything is removed."""
 
     def __init__(self, out: str | os.PathLike, *, overwrite: bool, table_files: Sequence[str], tool: str,
                  cwd: str | os.PathLike, logs: Sequence[str] = ()) -> None:
         super().__init__(out, overwrite=overwrite, own=(*table_files, *logs, RECORD, ".*.tmp"),
                          flag="--output_dir", tool=tool, markers=table_files)
         self.cwd = Path(cwd)
-        self.record: SubRuns | None = None
+        self.record = SubRuns(self.folder, self.cwd)
 
     def __enter__(self) -> TableFolder:
         super().__enter__()
         try:
-            self.record = SubRuns(self.folder, self.cwd)
+            self.record = SubRuns(self.folder, self.cwd)  # read again, now that the folder is ours
             if self.overwrite:
-                self.record.remove_all()
-                self.clear()
+                self.record.forget()
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
         return self
+
+    def begin(self) -> None:
+        """After the sub-run folders were checked: with ``overwrite``, remove the earlier table."""
+        if self.overwrite:
+            self.record.remove_forgotten()
+            self.clear()

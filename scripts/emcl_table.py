@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tables.TableFolder(out, overwrite=args.overwrite, table_files=TABLE_FILES, tool="emcl_table.py",
                             cwd=ROOT, logs=("*.log",)) as table:
         plan(lanes, out, table.record)
+        table.begin()
         start = time.perf_counter()
         done = tables.run_lanes(lanes, lambda r: _run(r, out, args.threads, table.record), args.jobs)
         rows = [_row(r) for r in done]

@@ -213,21 +213,26 @@ def seed_command(config: str, seed: int, output_dir: str | os.PathLike[str], ext
 
 
 def run_seeds(config: str, seeds: Sequence[int], output_dir: str | os.PathLike[str], extra: Sequence[str],
-              *, split: str = "test", record: tables.SubRuns | None = None, dry_run: bool = False,
-              nproc_per_node: int = 1, runner: Callable[..., Any] = subprocess.run,
-              echo: Callable[[str], None] = print) -> list[int]:
+              *, split: str = "test", table: tables.TableFolder | None = None,
+              record: tables.SubRuns | None = None, dry_run: bool = False, nproc_per_node: int = 1,
+              runner: Callable[..., Any] = subprocess.run, echo: Callable[[str], None] = print) -> list[int]:
     """Run every seed whose folder does not hold this very run, finished; returns the seeds that were run.
 
-    Every seed folder is checked against ``record`` (:class:`emcl.tables.SubRuns`) before the first run
-    starts. ``runner`` is called like ``subprocess.run(cmd, cwd=REPO)`` (tests pass a fake). A run that
-    fails stops the script with its exit status and the seed's folder named.
+    Every seed folder is checked against the record of the table's runs (``table.record``, else ``record``,
+    else the one in ``output_dir``: :class:`emcl.tables.SubRuns`) before the ``table`` removes anything
+    (``--overwrite``: :meth:`emcl.tables.TableFolder.begin`) and before any run. ``runner`` is called like
+    ``subprocess.run(cmd, cwd=REPO)`` (tests pass a fake). A run that fails stops the script with its exit
+    status and the seed's folder named.
     """
     out = Path(output_dir)
-    record = record if record is not None else tables.SubRuns(out, REPO)
+    if record is None:
+        record = table.record if table is not None else tables.SubRuns(out, REPO)
     planned = []
     for seed in seeds:
         cmd = seed_command(config, seed, out, extra, nproc_per_node=nproc_per_node)
         planned.append((seed, cmd, record.plan(f"seed_{seed}", cmd, lambda d: tables.has_results(d, split))))
+    if table is not None:
+        table.begin()
     ran = []
     for seed, cmd, reuse in planned:
         run_dir = out / f"seed_{seed}"
@@ -277,7 +282,7 @@ def _dry_run(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(args.output_dir)
     record = tables.SubRuns(out, REPO)
     if args.overwrite:
-        record.remove_all(dry_run=True)
+        record.forget()  # what --overwrite would remove: nothing is removed here
     elif out.is_dir():
         check_tool_output(out, False, TABLE_FILES, flag="--output_dir", tool="multiseed.py")
     run_seeds(args.config, args.seeds, out, extra, split=args.split, record=record, dry_run=True,
@@ -292,7 +297,7 @@ def main(argv: Sequence[str] | None = None, runner: Callable[..., Any] = subproc
         return _dry_run(args, extra)
     with tables.TableFolder(args.output_dir, overwrite=args.overwrite, table_files=TABLE_FILES,
                             tool="multiseed.py", cwd=REPO) as table:
-        run_seeds(args.config, args.seeds, args.output_dir, extra, split=args.split, record=table.record,
+        run_seeds(args.config, args.seeds, args.output_dir, extra, split=args.split, table=table,
                   nproc_per_node=args.nproc_per_node, runner=runner)
         try:
             summary = aggregate(load_runs(args.output_dir, args.seeds), args.split)

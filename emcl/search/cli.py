@@ -1,6 +1,6 @@
 """Text-to-video search over a folder of videos with a trained EMCL-Net checkpoint.
 
-    python -m emcl.search index VIDEOS_DIR --checkpoint CK --out INDEX   # embed every video once
+    python -m emcl.search index VIDEOS_DIR --checkpoint CK --out INDEX [--overwrite]  # embed every video once
     python -m emcl.search query INDEX "a red ball moves left" -k 5 [--json] [--emcl]
     python -m emcl.search eval INDEX --split test -k 5 [--emcl] [--attributes data/synthetic]  # hit rate
 

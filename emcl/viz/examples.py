@@ -1,7 +1,7 @@
 """Retrieval examples: for n text queries of a split, key frames of the top-5 videos with their scores and the
 ground truth marked; a PNG and an HTML page that links the video files.
 
-    python -m emcl.viz.examples --run runs/demo -n 8 [--split test] [--policy query] [--out DIR]
+    python -m emcl.viz.examples --run runs/demo -n 8 [--split test] [--policy query] [--out DIR] [--overwrite]
 
 Writes ``examples.png``, ``examples.html`` and ``examples.json`` into ``RUN/examples/`` (``--out DIR``
 elsewhere; never into the run folder itself); the folder is locked while the command works, and earlier

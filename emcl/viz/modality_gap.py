@@ -1,7 +1,7 @@
 """The modality-gap figure: text and video embeddings of a split in 2-D, without and with EMCL.
 
     python -m emcl.viz.modality_gap --run runs/demo
-    python -m emcl.viz.modality_gap --checkpoint CK --config C --split test [--out DIR]
+    python -m emcl.viz.modality_gap --checkpoint CK --config C --split test [--out DIR] [--overwrite]
 
 Writes ``modality_gap.png`` and ``modality_gap.json`` into ``RUN/modality_gap/`` (``--out DIR`` elsewhere;
 never into the run folder itself) and prints the gap. The folder is locked while the command works, and
