@@ -7,12 +7,13 @@ from a built-in error (``ValueError``, ``RuntimeError``) keep older ``except Val
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
-__all__ = ["TASK_TITLES", "UserError", "UserValueError", "cli_main", "describe_task"]
+__all__ = ["TASK_TITLES", "OneLineParser", "UserError", "UserValueError", "cli_main", "describe_task"]
 
 T = TypeVar("T")
 
@@ -33,6 +34,15 @@ def describe_task(name: str) -> str:
     """``EMCL-QA (task 'qa')``: a task as error messages name it."""
     title = TASK_TITLES.get(name)
     return f"{title} (task '{name}')" if title else f"task '{name}'"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are :class:`UserError`: under :func:`cli_main` a bad flag prints
+    one line (``error: argument -k: 0 is out of range (an integer >= 1)``) and exits 2, without the usage
+    block. Sub-command parsers made by ``add_subparsers`` are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(message)
 
 
 def cli_main(main: Callable[[list[str] | None], T], argv: Sequence[str] | None = None) -> T:

@@ -1,17 +1,36 @@
 """What the table scripts (``scripts/multiseed.py``, ``emcl_table.py``, ``paper_table.py``) share: launching
 training runs as sub-processes, reading what a finished run wrote (``metrics.json``, ``config.yaml``),
-markdown tables, and writing a table as ``.md`` + ``.json``, each atomically.
+markdown tables, writing a table as ``.md`` + ``.json``, each atomically, and the table's folder
+(:class:`TableFolder`) with its record of the runs it started (:class:`SubRuns`).
 
 A sub-run is a command line (``python -m MODULE ...``, or through torchrun), never an import: each run
 gets its own process, its own log and its own exit status.
+
+The table's folder follows the rule of every tool that writes results: the script holds its lock while it
+works (a second call on it is refused at once), a folder holding a finished table is refused unless
+``--overwrite``, and files are written atomically. The script never passes ``--overwrite`` to a sub-run.
+Each sub-run folder is one of three things:
+
+- empty or absent: the run is started (and recorded in ``OUT/sub_runs.json`` first);
+- recorded in ``sub_runs.json`` with the very same command (and the same settings files) and holding its
+  results: it is reused, not run again (an interrupted table continues where it stopped);
+- anything else holding results (a run the table did not start, one started with other settings, an
+  unfinished one): refused, naming the folder, before any run starts.
+
+``--overwrite`` given to the table removes the table's own files and the sub-run folders its record
+names (only those: a folder the table did not start is never removed), then starts every run afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from emcl.errors import UserError
 from emcl.fileio import save_bytes, save_json
+from emcl.train.outdir import ToolOutput, result_files
+
+log = logging.getLogger("emcl.tables")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -151,3 +174,155 @@ def write_table(stem: str | os.PathLike, markdown: str, data: Any) -> tuple[Path
     js = save_json(data, stem.with_name(stem.name + ".json"))
     md = save_bytes(markdown.encode(), stem.with_name(stem.name + ".md"))
     return md, js
+
+
+# ----------------------------------------------------------------------------------- the table folder
+RECORD = "sub_runs.json"
+RECORD_FORMAT = "emcl-table-sub-runs"
+#: What marks a folder as holding a run's results.
+RUN_RESULTS = ("metrics.json", "checkpoint_*.pt")
+SETTINGS_ENDINGS = (".yaml", ".yml", ".json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SubRuns:
+    """The table's record of the runs it started, ``OUT/sub_runs.json``: per sub-run folder (by name) the
+    command (the interpreter and the ``--output_dir`` value left out) and the sha256 of every settings file
+    the command names (``.yaml``, ``.yml``, ``.json``). See the module's docstring for how it is used."""
+
+    def __init__(self, out: str | os.PathLike, cwd: str | os.PathLike) -> None:
+        self.out, self.cwd = Path(out), Path(cwd)
+        self.path = self.out / RECORD
+        self.runs: dict[str, dict[str, Any]] = self._read()
+        self.removed: set[str] = set()
+        self._forgotten: list[Path] = []
+        self._lock = threading.Lock()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        if not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            data = None
+        runs = data.get("runs") if isinstance(data, dict) and data.get("format") == RECORD_FORMAT else None
+        if not isinstance(runs, dict):
+            raise UserError(f"{self.path}: not a readable record of the table's runs; move the folder away "
+                            "or choose another --output_dir")
+        return runs
+
+    def entry(self, cmd: Sequence[str]) -> dict[str, Any]:
+        """What is recorded of a run started with ``cmd``."""
+        argv = list(cmd[1:])
+        for i, arg in enumerate(argv[:-1]):
+            if arg == "--output_dir":
+                argv[i + 1] = "OUT"
+        files = {}
+        for arg in argv:
+            path = Path(arg) if os.path.isabs(arg) else self.cwd / arg
+            if arg.endswith(SETTINGS_ENDINGS) and path.is_file():
+                files[arg] = _sha256(path)
+        return {"command": argv, "settings_files": files}
+
+    def plan(self, name: str, cmd: Sequence[str], finished: Callable[[Path], bool]) -> bool:
+        """Whether sub-run folder ``name`` holds this very run, finished (True: reuse it) or nothing (False:
+        run it); :class:`UserError` naming the folder when it holds any other results."""
+        folder = self.out / name
+        found = result_files(folder, RUN_RESULTS)
+        if not found or name in self.removed:
+            return False
+        held = f"sub-run folder {folder} holds results ({', '.join(p.name for p in found)})"
+        recorded = self.runs.get(name)
+        if recorded is None:
+            raise UserError(f"{held} of a run this table did not start (it is not in {self.path}); the table "
+                            "neither reuses nor removes it: move it away, or choose another --output_dir")
+        want = self.entry(cmd)
+        if {k: recorded.get(k) for k in want} != want:
+            changed = [f for f in ("command", "settings_files") if recorded.get(f) != want[f]]
+            raise UserError(f"{held} of a run started with other settings ({' and '.join(changed)} "
+                            "differ); pass --overwrite to the table to start its runs again, or choose "
+                            "another --output_dir")
+        if not finished(folder):
+            raise UserError(f"{held} of an unfinished run; finish it with the same command and --resume, "
+                            "or pass --overwrite to the table to start its runs again")
+        return True
+
+    def started(self, name: str, cmd: Sequence[str]) -> None:
+        """Record a run before it starts."""
+        with self._lock:
+            self.runs[name] = {**self.entry(cmd), "finished": False}
+            self._save()
+
+    def finished(self, name: str, seconds: float) -> None:
+        """Mark a recorded run finished, with its seconds."""
+        with self._lock:
+            self.runs[name].update(finished=True, seconds=round(seconds, 1))
+            self._save()
+
+    def seconds(self, name: str) -> float | None:
+        """The recorded seconds of a finished run; None when unknown."""
+        return self.runs.get(name, {}).get("seconds")
+
+    def _save(self) -> None:
+        save_json({"format": RECORD_FORMAT, "version": 1, "runs": self.runs}, self.path)
+
+    def forget(self) -> list[Path]:
+        """``--overwrite``: treat the recorded runs as gone (their folders are to be run afresh) without
+        removing anything yet; :meth:`remove_forgotten` removes them. Returns their folders."""
+        self.removed |= set(self.runs)
+        self._forgotten = [self.out / n for n in self.runs if Path(n).name == n and (self.out / n).is_dir()
+                           and not (self.out / n).is_symlink()]
+        self.runs = {}
+        return self._forgotten
+
+    def remove_forgotten(self) -> list[Path]:
+        """Remove the folders of the runs :meth:`forget` set aside (folders directly in the table's folder,
+        not links), and the record; returns them."""
+        folders, self._forgotten = self._forgotten, []
+        for folder in folders:
+            shutil.rmtree(folder)
+        self.path.unlink(missing_ok=True)
+        if folders:
+            log.warning("--overwrite: removed the table's earlier runs: %s", ", ".join(map(str, folders)))
+        return folders
+
+
+class TableFolder(ToolOutput):
+    """A table script's output folder (``--output_dir``), held for the script's whole run:
+    ``with TableFolder(out, ...) as table:`` takes its lock, refuses a folder holding a finished table
+    (``table_files``) unless ``overwrite`` and one holding a run's results at its top level always, and
+    reads the record of its sub-runs (``table.record``). The script then checks every sub-run folder
+    (``table.record.plan``) and calls :meth:`begin`, which with ``overwrite`` removes the table's own files
+    (the table, the run logs ``logs``, the record) and its recorded sub-run folders: a refusal comes before
+    anything is removed."""
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool, table_files: Sequence[str], tool: str,
+                 cwd: str | os.PathLike, logs: Sequence[str] = ()) -> None:
+        super().__init__(out, overwrite=overwrite, own=(*table_files, *logs, RECORD, ".*.tmp"),
+                         flag="--output_dir", tool=tool, markers=table_files)
+        self.cwd = Path(cwd)
+        self.record = SubRuns(self.folder, self.cwd)
+
+    def __enter__(self) -> TableFolder:
+        super().__enter__()
+        try:
+            self.record = SubRuns(self.folder, self.cwd)  # read again, now that the folder is ours
+            if self.overwrite:
+                self.record.forget()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def begin(self) -> None:
+        """After the sub-run folders were checked: with ``overwrite``, remove the earlier table."""
+        if self.overwrite:
+            self.record.remove_forgotten()
+            self.clear()

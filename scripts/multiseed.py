@@ -2,15 +2,21 @@
 """One configuration over several seeds: mean ± std of every metric under every evaluation policy.
 
     python scripts/multiseed.py --config configs/synthetic.yaml --seeds 0 1 2 --output_dir runs/seeds \\
-        [--nproc_per_node 8] [--split test] [--rerun] [--dry_run] [any other flag of the training CLI ...]
+        [--nproc_per_node 8] [--split test] [--overwrite] [--dry_run] [any other flag of the training CLI ...]
 
 Runs ``python -m video_retrieval.emcl_net.main_task_retrieval --config C --seed N
 --output_dir OUTPUT/seed_N [other flags]`` once per seed, one after the other (with ``--nproc_per_node
-G > 1`` through ``torchrun --standalone --nproc_per_node G -m ...``). Seeds whose ``metrics.json``
-already holds the split are not run again unless ``--rerun`` (which passes ``--overwrite``), so an
-interrupted sweep continues where it stopped, and runs launched by hand into ``OUTPUT/seed_N`` are
-picked up. Then it reads each ``OUTPUT/seed_N/metrics.json`` and writes ``OUTPUT/multiseed.md`` (a
-table) and ``OUTPUT/multiseed.json`` (mean, std and the per-seed values of every number).
+G > 1`` through ``torchrun --standalone --nproc_per_node G -m ...``). Then it reads each
+``OUTPUT/seed_N/metrics.json`` and writes ``OUTPUT/multiseed.md`` (a table) and ``OUTPUT/multiseed.json``
+(mean, std and the per-seed values of every number).
+
+``OUTPUT`` is locked while the script works. One that holds a finished table (``multiseed.json``) is
+refused unless ``--overwrite``, which removes the table and the seed folders the script recorded in
+``OUTPUT/sub_runs.json``, then runs every seed afresh; runs are never given ``--overwrite``. Without it,
+a seed folder recorded with the very same command and settings files and holding the split's results is
+not run again, so an interrupted sweep continues where it stopped; a seed folder holding any other results
+(a run started by hand, other settings, an unfinished run) is refused before anything runs. To add seeds
+to a finished sweep, remove its ``multiseed.md`` and ``multiseed.json``: the recorded seeds are reused.
 
 What is aggregated, for the chosen split (default ``test``): the headline rows (``t2v``, ``v2t``,
 ``t2v_dsl``, ``v2t_dsl`` and, for multi-caption data, ``v2t_captions`` ...; they follow the run's
@@ -34,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from emcl import tables
+from emcl.errors import cli_main
 from emcl.metrics import RANK_KEYS
+from emcl.train.outdir import check_tool_output
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,34 +205,46 @@ def write_summary(
 
 
 def seed_command(config: str, seed: int, output_dir: str | os.PathLike[str], extra: Sequence[str],
-                 overwrite: bool = False, nproc_per_node: int = 1, module: str = MODULE) -> list[str]:
-    """The training command of one seed."""
+                 nproc_per_node: int = 1, module: str = MODULE) -> list[str]:
+    """The training command of one seed (never with ``--overwrite``: see the module's docstring)."""
     argv = ["--config", config, "--seed", str(seed), "--output_dir", str(Path(output_dir) / f"seed_{seed}"),
             *extra]
-    return tables.module_command(module, argv + (["--overwrite"] if overwrite else []), nproc_per_node)
+    return tables.module_command(module, argv, nproc_per_node)
 
 
 def run_seeds(config: str, seeds: Sequence[int], output_dir: str | os.PathLike[str], extra: Sequence[str],
-              *, split: str = "test", rerun: bool = False, dry_run: bool = False, nproc_per_node: int = 1,
+              *, split: str = "test", table: tables.TableFolder | None = None,
+              record: tables.SubRuns | None = None, dry_run: bool = False, nproc_per_node: int = 1,
               runner: Callable[..., Any] = subprocess.run, echo: Callable[[str], None] = print) -> list[int]:
-    """Run every seed whose results are missing (all with ``rerun``); returns the seeds that were run.
+    """Run every seed whose folder does not hold this very run, finished; returns the seeds that were run.
 
-    ``runner`` is called like ``subprocess.run(cmd, cwd=REPO)`` (tests pass a fake). A run that fails
-    stops the script with its exit status and the seed's folder named.
+    Every seed folder is checked against the record of the table's runs (``table.record``, else ``record``,
+    else the one in ``output_dir``: :class:`emcl.tables.SubRuns`) before the ``table`` removes anything
+    (``--overwrite``: :meth:`emcl.tables.TableFolder.begin`) and before any run. ``runner`` is called like
+    ``subprocess.run(cmd, cwd=REPO)`` (tests pass a fake). A run that fails stops the script with its exit
+    status and the seed's folder named.
     """
     out = Path(output_dir)
-    ran = []
+    if record is None:
+        record = table.record if table is not None else tables.SubRuns(out, REPO)
+    planned = []
     for seed in seeds:
+        cmd = seed_command(config, seed, out, extra, nproc_per_node=nproc_per_node)
+        planned.append((seed, cmd, record.plan(f"seed_{seed}", cmd, lambda d: tables.has_results(d, split))))
+    if table is not None:
+        table.begin()
+    ran = []
+    for seed, cmd, reuse in planned:
         run_dir = out / f"seed_{seed}"
-        if not rerun and tables.has_results(run_dir, split):
-            echo(f"seed {seed}: {run_dir / 'metrics.json'} has '{split}' results; not run again")
+        if reuse:
+            echo(f"seed {seed}: {run_dir} holds this run with '{split}' results; not run again")
             continue
-        cmd = seed_command(config, seed, out, extra, overwrite=rerun and run_dir.exists(),
-                           nproc_per_node=nproc_per_node)
         echo(f"seed {seed}: {shlex.join(cmd)}")
         if dry_run:
             continue
-        tables.launch(tables.SubRun(f"seed {seed}", cmd, run_dir), REPO, runner=runner)
+        record.started(run_dir.name, cmd)
+        seconds = tables.launch(tables.SubRun(f"seed {seed}", cmd, run_dir), REPO, runner=runner)
+        record.finished(run_dir.name, seconds)
         ran.append(seed)
     return ran
 
@@ -240,8 +260,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--nproc_per_node", type=int, default=1,
                    help="processes (GPUs) per run; above 1 each run is launched with torchrun")
     p.add_argument("--split", default="test", help="which results of metrics.json to aggregate")
-    p.add_argument("--rerun", action="store_true",
-                   help="run seeds again even when their metrics.json is complete (passes --overwrite)")
+    p.add_argument("--overwrite", "--rerun", action="store_true",
+                   help="replace the table in --output_dir: it and the seed runs it recorded are removed, "
+                        "then every seed runs afresh")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing, write nothing")
     args, extra = p.parse_known_args(argv)
     extra = [x for x in extra if x != "--"]
@@ -253,28 +274,47 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     return args, extra
 
 
+TABLE_FILES = ("multiseed.md", "multiseed.json")
+
+
+def _dry_run(args: argparse.Namespace, extra: list[str]) -> int:
+    """Print what a call would run (and refuse what it would refuse), writing nothing."""
+    out = Path(args.output_dir)
+    record = tables.SubRuns(out, REPO)
+    if args.overwrite:
+        record.forget()  # what --overwrite would remove: nothing is removed here
+    elif out.is_dir():
+        check_tool_output(out, False, TABLE_FILES, flag="--output_dir", tool="multiseed.py")
+    run_seeds(args.config, args.seeds, out, extra, split=args.split, record=record, dry_run=True,
+              nproc_per_node=args.nproc_per_node)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, runner: Callable[..., Any] = subprocess.run) -> int:
+    """Run (or reuse) every seed, then write the table into ``--output_dir``."""
     args, extra = parse_args(argv)
-    run_seeds(args.config, args.seeds, args.output_dir, extra, split=args.split, rerun=args.rerun,
-              dry_run=args.dry_run, nproc_per_node=args.nproc_per_node, runner=runner)
     if args.dry_run:
-        return 0
-    try:
-        summary = aggregate(load_runs(args.output_dir, args.seeds), args.split)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    summary["config"] = args.config
-    summary["extra_flags"] = extra
-    summary["config_differences"] = config_differences(args.output_dir, args.seeds)
-    if summary["config_differences"]:
-        print(f"WARNING: the runs differ in {sorted(summary['config_differences'])} (see their config.yaml)",
-              file=sys.stderr)
-    title = f"{args.config} {shlex.join(extra)}".strip()
-    md, js = write_summary(args.output_dir, summary, title)
+        return _dry_run(args, extra)
+    with tables.TableFolder(args.output_dir, overwrite=args.overwrite, table_files=TABLE_FILES,
+                            tool="multiseed.py", cwd=REPO) as table:
+        run_seeds(args.config, args.seeds, args.output_dir, extra, split=args.split, table=table,
+                  nproc_per_node=args.nproc_per_node, runner=runner)
+        try:
+            summary = aggregate(load_runs(args.output_dir, args.seeds), args.split)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+        summary["config"] = args.config
+        summary["extra_flags"] = extra
+        summary["config_differences"] = config_differences(args.output_dir, args.seeds)
+        if summary["config_differences"]:
+            print(f"WARNING: the runs differ in {sorted(summary['config_differences'])} (see their "
+                  "config.yaml)", file=sys.stderr)
+        title = f"{args.config} {shlex.join(extra)}".strip()
+        md, js = write_summary(args.output_dir, summary, title)
     print(format_markdown(summary, title))
     print(f"written: {md}, {js}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

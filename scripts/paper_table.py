@@ -8,8 +8,9 @@ one row: R@1, R@5, R@10, MdR, MnR text-to-video and video-to-text. The dataset c
 beside ``metrics.json`` (``datatype``, ``msrvtt_test``; a synthetic run is labelled as such). Under each
 row: the paper's number, the reference's re-run (docs/reference.md, 'Reported numbers') and our
 difference to each; differences are left out for synthetic data, which only shares the layout with the
-real dataset. Cells the paper does not report are "-". Writes ``OUT.md`` and ``OUT.json`` and prints
-the markdown.
+real dataset. Cells the paper does not report are "-". Writes ``OUT.md`` and ``OUT.json`` (each
+atomically; nothing else) and prints the markdown. Existing ``OUT.md`` / ``OUT.json`` are replaced only
+with ``--overwrite``, and never when one would be a run's ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from emcl import tables
+from emcl.errors import UserError, cli_main
 from emcl.tables import RunFileError as TableError
 
 KEYS = ("R1", "R5", "R10", "MdR", "MnR")
@@ -221,21 +223,40 @@ def build(paths: list[str], policy: str = "all") -> tuple[list[dict[str, Any]], 
     return [compare(r) for r in rows], skipped
 
 
+def check_out(out: Path, inputs: list[str], overwrite: bool) -> list[Path]:
+    """``OUT.md`` and ``OUT.json``, checked: never a run's file (an input or any ``metrics.json``), never a
+    folder, and an existing one only with ``overwrite``."""
+    targets = [out.with_name(out.name + ".md"), out.with_name(out.name + ".json")]
+    read = {Path(p).resolve() for p in inputs}
+    for t in targets:
+        if t.resolve() in read or t.name == "metrics.json":
+            raise UserError(f"--out {out} would replace {t}, a run's file; choose another --out")
+        if t.is_dir():
+            raise UserError(f"--out {out}: {t} is a folder; choose another --out")
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise UserError(f"--out {out}: {' and '.join(map(str, existing))} already exist(s); pass --overwrite "
+                        "to replace the table, or choose another --out")
+    return targets
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Read the metrics files, write ``OUT.md`` and ``OUT.json`` and print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", nargs="+", help="metrics.json files of finished runs")
     p.add_argument("--out", default="paper_table", help="writes OUT.md and OUT.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.md / OUT.json")
     p.add_argument("--policy", default="all", choices=("all",) + POLICIES, help="which policies' rows")
     p.add_argument("--dsl", action="store_true", help="add the DSL rows (a separate protocol)")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    check_out(out, args.metrics, args.overwrite)
     rows, skipped = build(args.metrics, args.policy)
     for s in skipped:
         print(f"warning: skipped {s}", file=sys.stderr)
     if not rows:
-        print("error: no usable metrics file among the arguments", file=sys.stderr)
-        return 2
+        raise UserError("no usable metrics file among the arguments")
     md = markdown(rows, args.dsl)
-    out = Path(args.out)
     source = "docs/reference.md, 'Reported numbers' (ViT-B/32)"
     tables.write_table(out, md, {"rows": rows, "skipped": skipped, "source_of_reference_numbers": source})
     print(md)
@@ -244,4 +265,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli_main(main))

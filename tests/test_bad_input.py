@@ -998,3 +998,409 @@ def test_ctrl_c_in_a_sweep_exits_130_and_keeps_the_main_result(emb_files, tmp_pa
     code, err = cli([*argv, "--overwrite"], main_of("inference"))
     assert code == 0, err
     assert "sweep" in json.loads((out / "metrics.json").read_text())
+
+
+# --------- tools that write results: tables, search indexes, figures
+def tool(main, argv: list[str]) -> tuple[int, str]:
+    """A tool's command as ``python -m``/the script would run it (``cli_main``): (exit status, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli_main(main, argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, err.getvalue()
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path -> hash)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def as_root() -> bool:
+    return os.geteuid() == 0
+
+
+FAKE = "tests._fake_train"
+
+
+def fixtures() -> tuple:
+    """tests/_run_fixtures.py and tests/_video_fixtures.py (tests/ may or may not be a package)."""
+    try:
+        from tests import _run_fixtures, _video_fixtures
+    except ImportError:
+        import _run_fixtures
+        import _video_fixtures
+    return _run_fixtures, _video_fixtures
+
+
+def load_script(name: str):
+    """``scripts/NAME.py`` as a module."""
+    return fixtures()[1].load_script(name)
+
+
+@pytest.fixture
+def emcl_table(monkeypatch):
+    """scripts/emcl_table.py with its four training runs replaced by tests/_fake_train.py."""
+    script = load_script("emcl_table")
+    runs = script._runs
+    monkeypatch.setattr(script, "_runs", lambda a: [[{**r, "module": FAKE} for r in ln] for ln in runs(a)])
+    return script
+
+
+def test_table_into_a_finished_table_folder_is_refused(emcl_table, tmp_path):
+    out = tmp_path / "table"
+    assert tool(emcl_table.main, ["--output_dir", str(out), "--jobs", "1"])[0] == 0
+    before = hashes(out)
+    code, err = tool(emcl_table.main, ["--output_dir", str(out), "--jobs", "1"])
+    assert code == 2
+    assert error_line(err) == (
+        f"error: --output_dir {out} already holds results of emcl_table.py (table.json, table.md, table.png)."
+        " Pass --overwrite to replace them, or choose another --output_dir")
+    assert hashes(out) == before and not (out / ".run.lock").exists()
+    # a table into a run's folder: refused even with --overwrite, the run untouched
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text('{"finished": true}')
+    code, err = tool(emcl_table.main, ["--output_dir", str(run), "--overwrite"])
+    assert code == 2 and error_line(err) == (
+        f"error: --output_dir {run} holds another run's results (metrics.json); emcl_table.py writes into "
+        "a folder of its own: choose another --output_dir")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.json"]
+
+
+def test_table_overwrite_never_reaches_the_runs(emcl_table, tmp_path):
+    out = tmp_path / "table"
+    assert tool(emcl_table.main, ["--output_dir", str(out), "--jobs", "1"])[0] == 0
+    (out / "mmt_emcl0" / "left_by_the_old_run.txt").write_text("x")
+    (out / "by_hand").mkdir()  # a run the table did not start: never removed
+    (out / "by_hand" / "metrics.json").write_text("{}")
+    code, err = tool(emcl_table.main, ["--output_dir", str(out), "--jobs", "1", "--overwrite"])
+    assert code == 0, err
+    assert not (out / "mmt_emcl0" / "left_by_the_old_run.txt").exists()  # removed, then run afresh
+    assert (out / "by_hand" / "metrics.json").read_text() == "{}"
+    record = json.loads((out / "sub_runs.json").read_text())["runs"]
+    assert sorted(record) == ["meanP_emcl0", "meanP_emcl1", "mmt_emcl0", "mmt_emcl1"]
+    for name, entry in record.items():
+        assert entry["finished"] and "--overwrite" not in entry["command"]
+        assert "overwrite: False" in (out / f"{name}.log").read_text()  # what the run itself parsed
+    # --overwrite in the runs' flags is refused: it is the table's
+    code, err = tool(emcl_table.main, ["--output_dir", str(tmp_path / "t2"), "--mmt_flags", "--overwrite"])
+    assert code == 2 and "--mmt_flags: --overwrite is the table's to set" in error_line(err)
+    assert not (tmp_path / "t2").exists()
+
+
+def test_table_refuses_run_folders_it_did_not_start(emcl_table, tmp_path):
+    out = tmp_path / "table"
+    (out / "mmt_emcl1").mkdir(parents=True)
+    (out / "mmt_emcl1" / "metrics.json").write_text('{"test": {}}')
+    before = hashes(out)
+    for extra in ([], ["--overwrite"]):
+        code, err = tool(emcl_table.main, ["--output_dir", str(out), "--jobs", "1", *extra])
+        assert code == 2
+        assert error_line(err).startswith(
+            f"error: sub-run folder {out / 'mmt_emcl1'} holds results (metrics.json) of a run this table did "
+            "not start")
+        assert hashes(out) == before  # refused before any run started
+    # a finished run the table recorded with the same command is reused; with other settings refused
+    assert tool(emcl_table.main, ["--output_dir", str(tmp_path / "t"), "--jobs", "1"])[0] == 0
+    for name in ("table.md", "table.json", "table.png"):
+        (tmp_path / "t" / name).unlink()  # an interrupted table: its runs are there, the table not yet
+    code, err = tool(emcl_table.main, ["--output_dir", str(tmp_path / "t"), "--jobs", "1", "--seed", "7"])
+    assert code == 2 and "of a run started with other settings (command differ)" in error_line(err)
+    log = (tmp_path / "t" / "mmt_emcl0.log").read_text()
+    assert tool(emcl_table.main, ["--output_dir", str(tmp_path / "t"), "--jobs", "1"])[0] == 0
+    assert (tmp_path / "t" / "mmt_emcl0.log").read_text() == log and (tmp_path / "t" / "table.json").is_file()
+
+
+def test_multiseed_never_passes_overwrite_and_refuses_a_run_by_hand(tmp_path):
+    from types import SimpleNamespace
+
+    ms = load_script("multiseed")
+    calls: list[list[str]] = []
+
+    def runner(cmd, cwd=None):
+        calls.append(cmd)
+        code = subprocess.run([sys.executable, "-m", FAKE, *cmd[3:]], cwd=ROOT, env=env(),
+                              capture_output=True).returncode
+        return SimpleNamespace(returncode=code)
+
+    out = tmp_path / "seeds"
+    argv = ["--config", "configs/synthetic.yaml", "--seeds", "0", "1", "--output_dir", str(out)]
+    assert tool(lambda a: ms.main(a, runner=runner), argv)[0] == 0
+    code, err = tool(lambda a: ms.main(a, runner=runner), [*argv, "--overwrite"])
+    assert code == 0, err
+    assert len(calls) == 4 and not any("--overwrite" in c for c in calls)
+    before = hashes(out)
+    (out / "seed_5").mkdir()
+    (out / "seed_5" / "checkpoint_last.pt").write_bytes(b"a run started by hand")
+    code, err = tool(lambda a: ms.main(a, runner=runner), [*argv[:3], "5", *argv[5:], "--overwrite"])
+    assert code == 2 and error_line(err).startswith(
+        f"error: sub-run folder {out / 'seed_5'} holds results (checkpoint_last.pt) of a run this table did "
+        "not start")
+    # refused before anything was removed or run
+    assert {k: v for k, v in hashes(out).items() if not k.startswith("seed_5")} == before
+    assert len(calls) == 4
+
+
+def test_concurrent_table_call_is_refused_at_once(tmp_path):
+    out = tmp_path / "table"
+    code = (
+        "import sys\n"
+        "from tests._video_fixtures import load_script\n"
+        "from emcl.errors import cli_main\n"
+        "s = load_script('emcl_table')\n"
+        "runs = s._runs\n"
+        f"s._runs = lambda a: [[{{**r, 'module': {FAKE!r}}} for r in ln] for ln in runs(a)]\n"
+        "cli_main(s.main, sys.argv[1:])\n"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", code, "--output_dir", str(out), "--jobs", "1", "--mmt_flags", "--sleep", "2"],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    holder = None
+    while first.poll() is None and holder is None:
+        with contextlib.suppress(OSError, ValueError):
+            holder = json.loads((out / ".run.lock").read_text())
+        time.sleep(0.02)
+    assert holder is not None, first.communicate()[1][-2000:]
+    start = time.monotonic()
+    second, err = tool(load_script("emcl_table").main, ["--output_dir", str(out), "--jobs", "1"])
+    took = time.monotonic() - start
+    still_running = first.poll() is None
+    _, first_err = first.communicate(timeout=300)
+    assert second == 2 and took < 1.5 and still_running
+    assert error_line(err).startswith(
+        f"error: output folder {out} is in use by another run: pid {first.pid} on host {holder['host']}, "
+        f"started {holder['started']}")
+    assert first.returncode == 0, first_err[-2000:]
+    assert (out / "table.json").is_file() and not (out / ".run.lock").exists()
+
+
+# ------------------------------------------------------------------------- search index and figures
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, object]:
+    """A tiny EMCL-Net run folder (config.yaml, checkpoint_best.pt) and its config (10 synthetic clips)."""
+    return fixtures()[0].make_run(tmp_path_factory.mktemp("tiny"), num_videos=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_mmt_checkpoint(tmp_path_factory) -> Path:
+    """An (untrained) MMT checkpoint holding its config, as joint training saves it."""
+    from emcl.fileio import save_torch
+    from emcl.train.config import parse_args
+    from emcl.train.runner import build_parser
+    from video_retrieval.joint_training.main_task_joint import TASK
+
+    root = tmp_path_factory.mktemp("mmt")
+    config = yaml.safe_load((ROOT / "configs/mmt_synthetic.yaml").read_text())
+    config["synthetic"].update(out=str(root / "data"), num_videos=12, split_sizes=[8, 4])
+    config.update(same_dim=16, vid_layers=1, vid_heads=2, vid_intermediate=32, centerK=4)
+    (root / "mmt.yaml").write_text(yaml.safe_dump(config))
+    cfg = parse_args(build_parser(TASK), ["--config", str(root / "mmt.yaml"), "--output_dir", str(root)],
+                     TASK.config_blocks)
+    cfg.task_module = TASK.module
+    task = TASK(cfg, fixtures()[0].cpu_info())
+    task.prepare_data()
+    save_torch({"model": task.build_model().state_dict(), "config": dict(vars(cfg))},
+               root / "checkpoint_last.pt")
+    return root / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def qa_checkpoint(tmp_path_factory) -> Path:
+    """An (untrained) question-answering checkpoint holding its config."""
+    from emcl.fileio import save_torch
+    from emcl.train.config import parse_args
+    from emcl.train.runner import build_parser
+    from video_question_answering.main_task_qa import TASK
+
+    root = tmp_path_factory.mktemp("qa")
+    make_synthetic(root / "data", 12, seed=5, format="msrvtt_qa", split_sizes=(6, 2, 4), frames=4, fps=4,
+                   size=32, vocab_size=8)
+    cfg = parse_args(build_parser(TASK), [
+        "--config", str(ROOT / "configs/synthetic_qa.yaml"), "--anno_path", str(root / "data/annotations"),
+        "--video_path", str(root / "data/videos"), "--output_dir", str(root)], TASK.config_blocks)
+    cfg.task_module = TASK.module
+    model = TASK(cfg, fixtures()[0].cpu_info()).build_model()
+    save_torch({"model": model.state_dict(), "config": dict(vars(cfg))}, root / "checkpoint_best.pt")
+    return root / "checkpoint_best.pt"
+
+
+def search_main(argv: list[str]) -> object:
+    """``python -m emcl.search ARGV``."""
+    from emcl import search
+
+    return search.main(argv)
+
+
+def test_search_index_into_an_existing_index_is_refused(tiny_run, tmp_path):
+    run, cfg = tiny_run
+    ck = str(run / "checkpoint_best.pt")
+    idx = tmp_path / "idx"
+    index = ["index", cfg.video_path, "--checkpoint", ck]
+    assert tool(search_main, [*index, "--out", str(idx)])[0] == 0
+    before = hashes(idx)
+    code, err = tool(search_main, [*index, "--out", str(idx)])
+    assert code == 2 and error_line(err) == (
+        f"error: --out {idx} already holds results of emcl.search index (features.pt, index.json). Pass "
+        "--overwrite to replace them, or choose another --out")
+    assert hashes(idx) == before and not (idx / ".run.lock").exists()
+    # the run's own folder: refused even with --overwrite, the run untouched
+    run_files = hashes(run)
+    code, err = tool(search_main, [*index, "--out", str(run), "--overwrite"])
+    assert code == 2 and error_line(err) == (
+        f"error: --out {run} holds another run's results (checkpoint_best.pt); emcl.search index writes into "
+        "a folder of its own: choose another --out")
+    assert hashes(run) == run_files
+    # --out a file
+    (tmp_path / "a_file").write_text("notes")
+    code, err = tool(search_main, [*index, "--out", str(tmp_path / "a_file")])
+    assert code == 2 and error_line(err) == (
+        f"error: --out {tmp_path / 'a_file'} exists and is not a folder; give a folder")
+    assert (tmp_path / "a_file").read_text() == "notes"
+    # --overwrite replaces the index (and only its files)
+    ids = json.loads((idx / "index.json").read_text())["video_ids"]
+    (idx / "notes.txt").write_text("mine")
+    code, err = tool(search_main, [*index, "--out", str(idx), "--overwrite", "--frame_cache", "none"])
+    assert code == 0, err
+    meta = json.loads((idx / "index.json").read_text())
+    assert meta["video_ids"] == ids and meta["frame_cache"] is None
+    assert (idx / "notes.txt").read_text() == "mine" and not (idx / ".run.lock").exists()
+
+
+@pytest.mark.skipif(as_root(), reason="root writes into read-only folders")
+def test_search_and_figures_refuse_a_read_only_out(tiny_run, tmp_path):
+    from emcl.viz import modality_gap
+
+    run, cfg = tiny_run
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        ck = str(run / "checkpoint_best.pt")
+        code, err = tool(search_main, ["index", cfg.video_path, "--checkpoint", ck, "--out", str(ro)])
+        assert code == 2 and error_line(err).startswith(f"error: --out {ro} is not writable (")
+        code, err = tool(modality_gap.main, ["--run", str(run), "--out", str(ro)])
+        assert code == 2 and error_line(err).startswith(f"error: --out {ro} is not writable (")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_search_index_of_a_folder_of_links_keeps_the_ids_as_seen(tiny_run, tmp_path):
+    from emcl.data.cache import build_cache
+
+    run, cfg = tiny_run
+    videos = sorted(Path(cfg.video_path).iterdir())
+    tv = tmp_path / "tv"  # the usual way a dataset is linked into a working folder
+    (tv / "more").mkdir(parents=True)
+    for v in videos[:5]:
+        (tv / v.name).symlink_to(v)
+    (tv / "more" / "clip.mp4").symlink_to(videos[5])
+    cache = tmp_path / "frames.h5"
+    build_cache(Path(cfg.video_path), cache, max_frames=cfg.max_frames, framerate=cfg.video_framerate,
+                size=cfg.image_size, progress=False)
+    idx = tmp_path / "idx"
+    code, err = tool(search_main, ["index", str(tv), "--checkpoint", str(run / "checkpoint_best.pt"),
+                                   "--out", str(idx), "--frame_cache", str(cache)])
+    assert code == 0, err
+    meta = json.loads((idx / "index.json").read_text())
+    assert meta["video_ids"] == sorted(["more/clip", *(v.stem for v in videos[:5])])
+    assert meta["paths"] == sorted(["more/clip.mp4", *(v.name for v in videos[:5])])
+    assert meta["videos_dir"] == str(tv)
+    assert meta["num_from_frame_cache"] == 5  # matched by size and mtime through the links
+    # a query names the videos by the paths the user sees
+    res = search_main(["query", str(idx), "a red ball", "-k", "6", "--json"])
+    assert {r["path"] for r in res["results"]} == {str(tv / p) for p in meta["paths"]}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["index", "VIDEOS", "--checkpoint", "CK", "--out", "OUT", "--batch_size", "0"],
+     "error: argument --batch_size: 0 is out of range (an integer >= 1)"),
+    (["index", "VIDEOS", "--checkpoint", "CK", "--out", "OUT", "--workers", "-1"],
+     "error: argument --workers: -1 is out of range (an integer >= 0)"),
+    (["query", "IDX", "a ball", "-k", "0"], "error: argument -k: 0 is out of range (an integer >= 1)"),
+    (["eval", "IDX", "--rerank", "0"], "error: argument --rerank: 0 is out of range (an integer >= 1)"),
+])
+def test_search_count_flags_are_one_line_errors(argv, expected, tmp_path):
+    code, err = tool(search_main, [a.replace("OUT", str(tmp_path / "o")) for a in argv])
+    assert code == 2 and err.strip() == expected
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--max_videos", "0"], "error: argument --max_videos: 0 is out of range (an integer >= 1)"),
+    (["--max_videos", "3"], "error: argument --max_videos: 3 is out of range (an integer >= 4)"),
+])
+def test_figure_count_flags_are_one_line_errors(tiny_run, argv, expected):
+    from emcl.viz import examples, modality_gap
+
+    run, _ = tiny_run
+    code, err = tool(modality_gap.main, ["--run", str(run), *argv])
+    assert code == 2 and err.strip() == expected
+    code, err = tool(examples.main, ["--run", str(run), "-n", "0"])
+    assert code == 2 and err.strip() == "error: argument -n: 0 is out of range (an integer >= 1)"
+    assert not (run / "modality_gap").exists() and not (run / "examples").exists()
+
+
+@pytest.mark.parametrize("kind", ["mmt", "qa"])
+def test_search_index_refuses_another_tasks_checkpoint(kind, tiny_run, request, tmp_path):
+    ck = request.getfixturevalue(f"{kind}_checkpoint")
+    task = {"mmt": "joint", "qa": "qa"}[kind]
+    code, err = tool(search_main, ["index", tiny_run[1].video_path, "--checkpoint", str(ck),
+                                   "--out", str(tmp_path / "idx")])
+    assert code == 2 and error_line(err) == (
+        f"error: {ck} is a checkpoint of task '{task}', not of EMCL-Net ('retrieval'): this tool reads "
+        "EMCL-Net runs (it needs the task's score_fn)")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_figures_write_into_their_own_folder_and_refuse_earlier_results(tiny_run, tmp_path):
+    from emcl.viz import examples, modality_gap
+
+    run, _ = tiny_run
+    run_files = {k: v for k, v in hashes(run).items() if "/" not in k}
+    assert tool(modality_gap.main, ["--run", str(run)])[0] == 0
+    assert tool(examples.main, ["--run", str(run), "-n", "2", "-k", "2"])[0] == 0
+    assert {k: v for k, v in hashes(run).items() if "/" not in k} == run_files  # RUN's own files
+    assert sorted(hashes(run / "modality_gap")) == ["modality_gap.json", "modality_gap.png"]
+    assert sorted(hashes(run / "examples")) == ["examples.html", "examples.json", "examples.png"]
+    figures = hashes(run / "examples")
+    code, err = tool(examples.main, ["--run", str(run), "-n", "3", "-k", "2"])
+    assert code == 2 and error_line(err) == (
+        f"error: --out {run / 'examples'} already holds results of examples (examples.html, examples.json, "
+        "examples.png). Pass --overwrite to replace them, or choose another --out")
+    assert hashes(run / "examples") == figures
+    assert tool(examples.main, ["--run", str(run), "-n", "3", "-k", "2", "--overwrite"])[0] == 0
+    assert len(json.loads((run / "examples" / "examples.json").read_text())["queries"]) == 3
+    # never into the run folder itself; --out a file
+    code, err = tool(modality_gap.main, ["--run", str(run), "--out", str(run), "--overwrite"])
+    assert code == 2 and error_line(err).startswith(f"error: --out {run} is the run's own folder")
+    (tmp_path / "a_file").write_text("notes")
+    code, err = tool(modality_gap.main, ["--run", str(run), "--out", str(tmp_path / "a_file")])
+    assert code == 2 and error_line(err) == (
+        f"error: --out {tmp_path / 'a_file'} exists and is not a folder; give a folder")
+    # elsewhere with --out: a folder of figures is fine, a run's folder is not
+    assert tool(modality_gap.main, ["--run", str(run), "--out", str(tmp_path / "figs")])[0] == 0
+    assert sorted(hashes(tmp_path / "figs")) == ["modality_gap.json", "modality_gap.png"]
+    assert {k: v for k, v in hashes(run).items() if "/" not in k} == run_files
+
+
+@pytest.mark.parametrize("kind", ["mmt", "qa"])
+def test_figures_refuse_another_tasks_checkpoint(kind, request):
+    from emcl.viz import examples, modality_gap
+
+    ck = request.getfixturevalue(f"{kind}_checkpoint")
+    before = hashes(ck.parent)
+    task = {"mmt": "joint", "qa": "qa"}[kind]
+    for main in (modality_gap.main, examples.main):
+        code, err = tool(main, ["--checkpoint", str(ck)])
+        assert code == 2 and error_line(err) == (
+            f"error: {ck} is a checkpoint of task '{task}', not of EMCL-Net ('retrieval'): this tool reads "
+            "EMCL-Net runs (it needs the task's score_fn)")
+    assert hashes(ck.parent) == before
+    assert not (ck.parent / "modality_gap").exists() and not (ck.parent / "examples").exists()

@@ -12,6 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from emcl.errors import UserError
+
 try:  # tests/ may or may not be a package
     from tests._video_fixtures import REPO, load_script
 except ImportError:
@@ -121,24 +123,37 @@ def test_main_runs_each_seed_passes_flags_and_writes_tables(tmp_path, capsys):
     assert "31.0 ± 1.0" in capsys.readouterr().out
     assert summary["config_differences"] == {}
 
-    # a run with other settings than its siblings is flagged
+    # a second call into the finished table is refused; removing the table (not the runs) lets it run
+    # again, reusing the seeds it recorded: a run with other settings than its siblings is flagged
+    with pytest.raises(UserError, match=r"already holds results of multiseed.py \(multiseed.json"):
+        ms.main(argv, runner=_fake_runner(calls))
     (tmp_path / "seed_1" / "config.yaml").write_text("seed: 1\nepochs: 3\nlr: 0.001\n")
+    for name in ("multiseed.md", "multiseed.json"):
+        (tmp_path / name).unlink()
+    calls.clear()
     ms.main(argv, runner=_fake_runner(calls))
+    assert calls == []
     assert ms.config_differences(tmp_path, [0, 1, 2]) == {"epochs": {0: 2, 1: 3, 2: 2}}
     assert "differ in settings" in (tmp_path / "multiseed.md").read_text()
     assert "WARNING" in capsys.readouterr().err
 
-    # finished seeds are not run again; a new seed is; --rerun runs all with --overwrite
-    calls.clear()
+    # finished seeds are not run again; a new seed is
+    for name in ("multiseed.md", "multiseed.json"):
+        (tmp_path / name).unlink()
     ms.main(argv[:3] + ["0", "1", "2", "3"] + argv[6:], runner=_fake_runner(calls))
     assert [c[c.index("--seed") + 1] for c in calls] == ["3"]
+    # --overwrite: the recorded seed folders are removed, every seed runs afresh, never with --overwrite
+    (tmp_path / "seed_0" / "left_by_the_old_run.txt").write_text("x")
     calls.clear()
-    ms.main(argv + ["--rerun"], runner=_fake_runner(calls))
-    assert len(calls) == 3 and all(c[-1] == "--overwrite" for c in calls)
+    ms.main(argv + ["--overwrite"], runner=_fake_runner(calls))
+    assert len(calls) == 3 and not any("--overwrite" in c for c in calls)
+    assert not (tmp_path / "seed_0" / "left_by_the_old_run.txt").exists()
+    assert not (tmp_path / "seed_3").exists()  # recorded by the earlier table: removed with it
     calls.clear()
     ms.main(argv[:6] + ["--nproc_per_node", "2"] + argv[6:] + ["--rerun"], runner=_fake_runner(calls))
     assert calls[0][:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                             "2", "-m"]
+    assert not (tmp_path / ".run.lock").exists()
 
 
 def test_main_errors(tmp_path):

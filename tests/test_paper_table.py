@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from emcl.errors import cli_main
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("paper_table", REPO / "scripts" / "paper_table.py")
 paper_table = importlib.util.module_from_spec(_spec)
@@ -94,9 +96,43 @@ def test_bad_and_unfinished_files(tmp_path, capsys):
     assert any(str(broken) in s and "not valid JSON" in s for s in skipped)
     assert any(str(unfinished) in s and "no test or val results" in s for s in skipped)
     assert any(str(no_t2v) in s and "no t2v results" in s for s in skipped)
-    assert paper_table.main([str(broken), "--out", str(tmp_path / "t")]) == 2
-    assert "no usable metrics file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        cli_main(paper_table.main, [str(broken), "--out", str(tmp_path / "t")])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "error: no usable metrics file among the arguments"
+    assert not (tmp_path / "t.md").exists() and not (tmp_path / "t.json").exists()
     val_only = _run(tmp_path, "valrun", {"val": _res(10.0)}, {"datatype": "lsmdc"})
     (row,) = paper_table.build([str(val_only)])[0]
     assert row["split"] == "val" and row["paper"] is None
     assert any("no LSMDC number" in n for n in row["notes"])
+
+
+def _hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_table_files_only_and_never_replaced_silently(tmp_path, capsys):
+    run = _run(tmp_path, "ok", {"test": _res(30.0)}, {"datatype": "msvd"})
+    out = tmp_path / "table"
+    assert paper_table.main([str(run), "--out", str(out)]) == 0
+    first = {p.name: _hash(p) for p in tmp_path.iterdir() if p.is_file()}
+    assert sorted(first) == ["table.json", "table.md"]
+    run_files = {p.name: _hash(p) for p in run.parent.iterdir()}
+    # a second table onto the first: refused (one line naming the files), nothing changed
+    for argv in ([str(run), "--out", str(out)],
+                 [str(run), "--out", str(run.parent / "metrics"), "--overwrite"]):  # the run's metrics.json
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            cli_main(paper_table.main, argv)
+        assert stop.value.code == 2
+        line = capsys.readouterr().err.strip()
+        assert line.startswith(f"error: --out {argv[2]}") and "\n" not in line
+        assert ("already exist" in line) if argv[2] == str(out) else ("a run's file" in line)
+    assert {p.name: _hash(p) for p in tmp_path.iterdir() if p.is_file()} == first
+    assert {p.name: _hash(p) for p in run.parent.iterdir()} == run_files
+    # --overwrite replaces the table, and only its two files
+    assert paper_table.main([str(run), "--out", str(out), "--overwrite", "--dsl"]) == 0
+    assert "ours, DSL" in (tmp_path / "table.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["table.json", "table.md"]

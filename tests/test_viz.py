@@ -145,13 +145,21 @@ def test_curves_missing_parts(tmp_path):
     assert draw_curves(tmp_path / "nowhere") is None
 
 
+def _hashes(folder) -> dict[str, str]:
+    """sha256 of every file directly in ``folder``, by name."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
 def test_figure_commands_on_a_tiny_run(tmp_path, capsys):
     from emcl.viz import examples, modality_gap
 
     run, _ = make_run(tmp_path)
+    before = _hashes(run)
     res = modality_gap.main(["--run", str(run)])
-    saved = json.loads((run / "modality_gap.json").read_text())
-    assert (run / "modality_gap.png").read_bytes().startswith(PNG)
+    saved = json.loads((run / "modality_gap" / "modality_gap.json").read_text())
+    assert (run / "modality_gap" / "modality_gap.png").read_bytes().startswith(PNG)
     for key in ("centroid_distance", "probe_accuracy"):
         assert set(saved[key]) == {"without_emcl", "with_emcl"}
         assert saved[key] == pytest.approx(res[key])
@@ -161,10 +169,16 @@ def test_figure_commands_on_a_tiny_run(tmp_path, capsys):
     assert "centroid distance" in out and "probe accuracy" in out
 
     summary = examples.main(["--run", str(run), "-n", "3", "-k", "2"])
-    assert (run / "examples.png").read_bytes().startswith(PNG)
-    page = (run / "examples.html").read_text()
+    assert (run / "examples" / "examples.png").read_bytes().startswith(PNG)
+    page = (run / "examples" / "examples.html").read_text()
     assert len(summary["queries"]) == 3 and all(len(q["top"]) == 2 for q in summary["queries"])
     first = summary["queries"][0]["top"][0]["video_id"]
-    assert f">{first}</a>" in page and "../data/videos/" in page  # links to the video files
+    assert f">{first}</a>" in page and "../../data/videos/" in page  # links to the video files
     scores = [t["score"] for q in summary["queries"] for t in q["top"]]
     assert all(-1.0 <= s <= 1.0 for s in scores)
+    # the run's own files are untouched; each command wrote only into its folder, and left no lock
+    assert _hashes(run) == before
+    assert sorted(p.name for p in (run / "examples").iterdir()) == ["examples.html", "examples.json",
+                                                                     "examples.png"]
+    assert sorted(p.name for p in (run / "modality_gap").iterdir()) == ["modality_gap.json",
+                                                                         "modality_gap.png"]

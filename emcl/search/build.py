@@ -29,14 +29,15 @@ VERSION = 1
 
 def list_videos(root: str | os.PathLike) -> list[tuple[str, str]]:
     """(id, path) of every video file under ``root``, sorted; id = path under root without the ending
-    (with the ending when two files would share an id)."""
+    (with the ending when two files would share an id). Paths are as seen under ``root``: a video linked
+    into it keeps its link's path (links are not resolved)."""
     from emcl.data.video import find_videos
 
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"video folder {root} does not exist")
     files = sorted({p for paths in find_videos(root).values() for p in paths})
-    rel = [Path(p).relative_to(root).as_posix() for p in files]
+    rel = [Path(os.path.relpath(p, root)).as_posix() for p in files]
     stems = [os.path.splitext(r)[0] for r in rel]
     clash = {s for s in stems if stems.count(s) > 1}
     return [(r if s in clash else s, p) for r, s, p in zip(rel, stems, files)]
@@ -133,20 +134,16 @@ def _plain(obj: Any) -> Any:
     return str(obj)
 
 
-@torch.no_grad()
-def build_index(videos_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike,
-                config: str | None = None, device: str = "cpu", batch_size: int = 32, workers: int = 0,
-                frame_cache: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Embed every video under ``videos_dir`` with the checkpoint's model and write the index to ``out``.
-    Returns the index metadata (also ``out/index.json``)."""
-    from emcl.train.runs import load_run
+#: What an index folder holds: ``--overwrite`` replaces these, and only these.
+INDEX_FILES = ("index.json", "features.pt", ".*.tmp")
 
-    run = load_run(checkpoint=checkpoint, config=config, device=device)
+
+@torch.no_grad()
+def _encode_videos(run: Any, videos: list[tuple[str, str]], cache: str | None, batch_size: int, workers: int,
+                   progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[int], dict[str, str], int]:
+    """Per-frame features and masks of every video (rows in ``videos`` order), the rows that were read,
+    the unreadable videos' errors by id, and how many clips came from the frame cache."""
     cfg, model = run.cfg, run.model
-    videos = list_videos(videos_dir)
-    if not videos:
-        raise UserError(f"no video files under {videos_dir}")
-    cache = _usable_cache(cfg, frame_cache)
     loader = DataLoader(_Clips(videos, cfg, cache), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, multiprocessing_context=loader_context(workers))
     keep: list[int] = []
@@ -166,7 +163,7 @@ def build_index(videos_dir: str | os.PathLike, checkpoint: str | os.PathLike, ou
                 n_cached += batch["cached"]
                 yield batch
 
-    start = time.perf_counter()
+    feats = masks = torch.empty(0)
     with tqdm(total=len(videos), desc="index", unit="video", disable=not progress, file=sys.stderr) as bar:
         try:
             feats, masks = encode_split(readable(bar), lambda b: (model.encode_video(b["frames"], b["mask"]),
@@ -175,27 +172,48 @@ def build_index(videos_dir: str | os.PathLike, checkpoint: str | os.PathLike, ou
         except ValueError:  # no batch held a readable clip
             if keep:
                 raise
-    if not keep:
-        raise UserError(f"none of the {len(videos)} video(s) under {videos_dir} could be read "
-                        f"(first: {next(iter(failed.items()))})")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    root = Path(videos_dir).resolve()
-    rows = torch.tensor(keep, device=feats.device)
-    save_torch({"frames": feats[rows].cpu(), "mask": masks[rows].cpu()}, out / "features.pt")
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_stamp": stamp(checkpoint),
-        "videos_dir": str(root),
-        "video_ids": [videos[i][0] for i in keep],
-        "paths": [Path(videos[i][1]).resolve().relative_to(root).as_posix() for i in keep],
-        "failed": failed,
-        "num_from_frame_cache": n_cached,
-        "frame_cache": cache,
-        "seconds": round(time.perf_counter() - start, 2),
-        "config": _plain({k: v for k, v in vars(cfg).items() if not k.startswith("_")}),
-    }
-    save_json(meta, out / "index.json")  # written last: its presence marks a finished index
+    return feats, masks, keep, failed, n_cached
+
+
+def build_index(videos_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike,
+                config: str | None = None, device: str = "cpu", batch_size: int = 32, workers: int = 0,
+                frame_cache: str = "auto", progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Embed every video under ``videos_dir`` with the checkpoint's model and write the index to ``out``
+    (holding its lock; an existing index is replaced only with ``overwrite``). Returns the index metadata
+    (also ``out/index.json``)."""
+    from emcl.train.outdir import ToolOutput
+    from emcl.train.runs import load_run
+
+    videos = list_videos(videos_dir)
+    if not videos:
+        raise UserError(f"no video files under {videos_dir}")
+    with ToolOutput(out, overwrite=overwrite, own=INDEX_FILES, flag="--out", tool="emcl.search index",
+                    markers=("index.json", "features.pt")) as claim:
+        run = load_run(checkpoint=checkpoint, config=config, device=device)
+        run.need("score_fn")  # queries score with it: refuse another task's checkpoint now, not then
+        cache = _usable_cache(run.cfg, frame_cache)
+        start = time.perf_counter()
+        encoded = _encode_videos(run, videos, cache, batch_size, workers, progress)
+        feats, masks, keep, failed, n_cached = encoded
+        if not keep:
+            raise UserError(f"none of the {len(videos)} video(s) under {videos_dir} could be read "
+                            f"(first: {next(iter(failed.items()))})")
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_stamp": stamp(checkpoint),
+            "videos_dir": os.path.abspath(videos_dir),  # as the user sees it: links are not resolved
+            "video_ids": [videos[i][0] for i in keep],
+            "paths": [Path(os.path.relpath(videos[i][1], videos_dir)).as_posix() for i in keep],
+            "failed": failed,
+            "num_from_frame_cache": n_cached,
+            "frame_cache": cache,
+            "seconds": round(time.perf_counter() - start, 2),
+            "config": _plain({k: v for k, v in vars(run.cfg).items() if not k.startswith("_")}),
+        }
+        claim.clear()  # the earlier index (--overwrite), index.json first: no mix of old and new
+        rows = torch.tensor(keep, device=feats.device)
+        save_torch({"frames": feats[rows].cpu(), "mask": masks[rows].cpu()}, Path(out) / "features.pt")
+        save_json(meta, Path(out) / "index.json")  # written last: its presence marks a finished index
     return meta

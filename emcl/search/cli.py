@@ -1,6 +1,6 @@
 """Text-to-video search over a folder of videos with a trained EMCL-Net checkpoint.
 
-    python -m emcl.search index VIDEOS_DIR --checkpoint CK --out INDEX   # embed every video once
+    python -m emcl.search index VIDEOS_DIR --checkpoint CK --out INDEX [--overwrite]  # embed every video once
     python -m emcl.search query INDEX "a red ball moves left" -k 5 [--json] [--emcl]
     python -m emcl.search eval INDEX --split test -k 5 [--emcl] [--attributes data/synthetic]  # hit rate
 
@@ -10,7 +10,12 @@ as the run did (its ``max_frames``, ``video_framerate``, ``image_size``) and sto
 frame cache when it holds them decoded from the same file (size and modification time), else the file is
 decoded (``--frame_cache PATH|none`` chooses the cache). A video that cannot be read is named in a
 warning, recorded in ``index.json`` under ``failed`` and left out; the rest are indexed.
-A video's id is its path under ``VIDEOS_DIR`` without the ending.
+A video's id is its path under ``VIDEOS_DIR`` without the ending, as it is seen there: videos linked into
+the folder (symbolic links to files elsewhere) keep their link's name and path.
+``INDEX`` is a folder of its own: the command holds its lock (``INDEX/.run.lock``) while it works, refuses
+a folder that already holds an index unless ``--overwrite`` (and one holding a run's results always), and
+writes each file atomically, ``index.json`` last. The checkpoint must be an EMCL-Net one: a checkpoint of
+another task (question answering, MMT) is refused before anything is written.
 
 **query** encodes the text and scores every indexed video as EMCL-Net does without EMCL
 (text-conditioned pooling of the frames, cosine). ``--emcl`` re-scores the ``--rerank`` best candidates
@@ -41,23 +46,25 @@ import sys
 import time
 from typing import Any
 
-from emcl.errors import UserError
+from emcl.errors import OneLineParser
 from emcl.search.build import build_index
 from emcl.search.index import Index, evaluate, query
+from emcl.train.config import nonneg_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m emcl.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m emcl.search", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     ix = sub.add_parser("index", help="embed a folder of videos")
     ix.add_argument("videos_dir")
     ix.add_argument("--checkpoint", required=True, help="EMCL-Net checkpoint (holds its config)")
     ix.add_argument("--config", default=None, help="YAML whose settings override the checkpoint's config")
-    ix.add_argument("--out", required=True, help="index folder to write")
+    ix.add_argument("--out", required=True, help="index folder to write (a folder of its own)")
+    ix.add_argument("--overwrite", action="store_true", help="replace the index already in --out")
     ix.add_argument("--frame_cache", default="auto", help="auto (the run's, if it fits), none, or a path")
-    ix.add_argument("--batch_size", type=int, default=32)
-    ix.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    ix.add_argument("--batch_size", type=positive_int, default=32)
+    ix.add_argument("--workers", type=nonneg_int, default=0, help="decoding worker processes")
     q = sub.add_parser("query", help="search an index with a text")
     q.add_argument("index")
     q.add_argument("text")
@@ -71,9 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attributes", default=None, metavar="DATA",
                     help="synthetic set's folder: also count videos with the caption's video's content")
     for sp in (q, ev):
-        sp.add_argument("-k", type=int, default=5)
+        sp.add_argument("-k", type=positive_int, default=5)
         sp.add_argument("--emcl", action="store_true", help="re-score the top candidates with EMCL")
-        sp.add_argument("--rerank", type=int, default=100, help="candidates re-scored with --emcl")
+        sp.add_argument("--rerank", type=positive_int, default=100, help="candidates re-scored with --emcl")
         sp.add_argument("--json", action="store_true", help="print JSON")
     for sp in (ix, q, ev):
         sp.add_argument("--device", default="cpu")
@@ -85,11 +92,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    if getattr(args, "k", 1) < 1:
-        raise UserError(f"-k must be at least 1, got {args.k}")
     if args.command == "index":
         meta = build_index(args.videos_dir, args.checkpoint, args.out, args.config, args.device,
-                           args.batch_size, args.workers, args.frame_cache)
+                           args.batch_size, args.workers, args.frame_cache, overwrite=args.overwrite)
         n, bad = len(meta["video_ids"]), meta["failed"]
         print(f"indexed {n} video(s) into {args.out} in {meta['seconds']:.1f} s "
               f"({meta['num_from_frame_cache']} from the frame cache)")

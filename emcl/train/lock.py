@@ -85,9 +85,11 @@ class RunLock:
     removes it (DataLoader workers forked from it do not), and only while the file is still its own.
     """
 
-    def __init__(self, output_dir: str | os.PathLike[str], resumable: bool = True) -> None:
+    def __init__(self, output_dir: str | os.PathLike[str], flag: str = "--output_dir",
+                 resumable: bool = True) -> None:
         self.output_dir = Path(output_dir)
-        self.resumable = resumable  # whether the tool has --resume (the inference module has not)
+        self.flag = flag  # the flag that names the folder, in messages
+        self.resumable = resumable  # whether --resume can take a stale lock over (trainers)
         self.path = self.output_dir / LOCK_NAME
         self.held = False
         self.removed: list[Path] = []  # what check_output_dir removed (--overwrite), for the run's log
@@ -155,11 +157,11 @@ class RunLock:
                 )
             return UserError(
                 f"output folder {self.output_dir} is in use by another run: {self._describe(rec)}. "
-                "Wait for it, stop it, or choose another --output_dir"
+                f"Wait for it, stop it, or choose another {self.flag}"
             )
         return UserError(
             f"output folder {self.output_dir} is in use by a run on another host: {self._describe(rec)}. "
-            f"Wait for it or choose another --output_dir; if that run is gone, clear the lock with: "
+            f"Wait for it or choose another {self.flag}; if that run is gone, clear the lock with: "
             f"{self._rm()}"
         )
 

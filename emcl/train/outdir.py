@@ -4,17 +4,23 @@ the files a run writes there (what ``--overwrite`` removes, :func:`result_files`
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import glob
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from emcl.errors import UserError
+from emcl.train.lock import RunLock
 
-__all__ = ["RESULT_FILES", "check_output_dir", "result_files"]
+__all__ = ["RESULT_FILES", "RUN_MARKERS", "ToolOutput", "check_output_dir", "check_tool_output",
+           "prepare_tool_folder", "remove_files", "result_files"]
 
 log = logging.getLogger("emcl.guards")  # the name train.log has always shown for these lines
 
@@ -28,7 +34,6 @@ RESULT_FILES: tuple[str, ...] = (
     "events.out.tfevents.*",
     ".*.tmp",  # leftovers of atomic writes (emcl.fileio) from a killed run
 )
-
 
 
 def _finished(metrics: Path) -> bool | None:
@@ -124,3 +129,119 @@ def check_output_dir(
         "delete its results and start again, or choose another --output_dir"
     )
 
+
+
+# ---------------------------------------------------------------------- tools that write results
+#: Files that mark a folder as holding a run's results (a trainer's, an evaluation's, a search index): a
+#: tool never writes its own results beside them, and never removes them.
+RUN_MARKERS: tuple[str, ...] = ("metrics.json", "checkpoint_*.pt", "index.json", "features.pt")
+
+
+def _names(paths: Iterable[Path]) -> str:
+    return ", ".join(p.name for p in paths)
+
+
+def prepare_tool_folder(folder: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Create ``folder`` if needed; :class:`UserError` naming ``flag`` when it is a file, cannot be created
+    or is not writable. Called before the folder's lock is taken, so that these are said plainly."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} exists and is not a folder; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not writable ({e.strerror or e}); fix its permissions or "
+                        f"choose another {flag}") from None
+    return folder
+
+
+def check_tool_output(
+    folder: str | os.PathLike[str],
+    overwrite: bool,
+    own: Iterable[str],
+    flag: str = "--out",
+    tool: str = "this tool",
+    markers: Iterable[str] | None = None,
+) -> list[Path]:
+    """Make sure a tool's results may go to ``folder`` (call it holding the folder's lock); returns the
+    earlier results of the tool that ``--overwrite`` replaces (the tool removes them when it writes).
+
+    ``own`` (glob patterns) are the files the tool writes there; ``markers`` those of them that mean an
+    earlier result is there (default: any of ``own`` except ``.*.tmp`` leftovers). A folder holding a run's
+    results (:data:`RUN_MARKERS` that are not the tool's own) is refused even with ``--overwrite``: the
+    tool never removes what it did not write. Its own earlier results are refused without ``--overwrite``.
+    """
+    folder = Path(folder)
+    own = tuple(own)
+    mine = result_files(folder, own)
+    foreign = [p for p in result_files(folder, RUN_MARKERS) if p not in mine]
+    if foreign:
+        raise UserError(f"{flag} {folder} holds another run's results ({_names(foreign)}); {tool} writes "
+                        f"into a folder of its own: choose another {flag}")
+    marked = [p for p in mine if not p.name.endswith(".tmp")] if markers is None else result_files(folder,
+                                                                                                   markers)
+    if marked and not overwrite:
+        raise UserError(f"{flag} {folder} already holds results of {tool} ({_names(marked)}). Pass "
+                        f"--overwrite to replace them, or choose another {flag}")
+    return mine if overwrite else []
+
+
+def remove_files(paths: Iterable[Path], why: str = "--overwrite") -> list[Path]:
+    """Remove ``paths`` (files an earlier call of a tool wrote), each logged; returns them."""
+    removed = [p for p in paths if p.is_file() or p.is_symlink()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    if removed:
+        log.warning("%s: removed %d earlier file(s) in %s: %s", why, len(removed), removed[0].parent,
+                    _names(removed))
+    return removed
+
+
+class ToolOutput:
+    """The output folder of a tool that writes results (a table, a search index, figures), held for the
+    tool's whole run: ``with ToolOutput(out, overwrite=..., own=(...)) as claim: ...; claim.clear(); write``.
+
+    Entering checks the folder plainly (:func:`prepare_tool_folder`), takes its :class:`RunLock` (a second
+    call on the same folder is refused at once, naming the holder) and checks its contents
+    (:func:`check_tool_output`). :meth:`clear` removes the tool's earlier results (``--overwrite``) just
+    before the new ones are written, so a call that fails before then keeps them. Leaving releases the
+    lock however the tool ends, and removes the folder again when this call created it and it is empty.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], *, overwrite: bool, own: Iterable[str],
+                 flag: str = "--out", tool: str = "this tool", markers: Iterable[str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.overwrite, self.own, self.flag, self.tool = overwrite, tuple(own), flag, tool
+        self.markers = None if markers is None else tuple(markers)
+        self.earlier: list[Path] = []
+        self.lock = RunLock(self.folder, flag=flag, resumable=False)
+        self._created = False
+
+    def __enter__(self) -> ToolOutput:
+        self._created = not self.folder.exists()
+        prepare_tool_folder(self.folder, self.flag)
+        try:
+            self.lock.acquire()
+            self.earlier = check_tool_output(self.folder, self.overwrite, self.own, self.flag, self.tool,
+                                             self.markers)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def clear(self) -> list[Path]:
+        """Remove the earlier results that ``--overwrite`` replaces (once), the files that mark a result
+        first (a crash in between leaves no marker beside half a result); returns them."""
+        marks = self.markers or self.own
+        first = sorted(self.earlier, key=lambda p: not any(fnmatch.fnmatch(p.name, m) for m in marks))
+        removed, self.earlier = remove_files(first), []
+        return removed
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
+        if self._created and exc[0] is not None:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when empty: nothing was written

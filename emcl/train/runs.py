@@ -209,12 +209,15 @@ def similarity(
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """The flags every tool that reads a finished run takes (figures, examples): where the run is, which
-    split, where to write, the device."""
+    split, where to write (a folder of the tool's own) and whether to replace its earlier results there,
+    the device."""
     p.add_argument("--run", default=None, help="run folder (config.yaml + checkpoint_best.pt)")
     p.add_argument("--checkpoint", default=None, help="checkpoint (its saved config is used)")
     p.add_argument("--config", default=None, help="YAML whose settings override the saved config")
     p.add_argument("--split", default="test")
-    p.add_argument("--out", default=None, help="output folder (default: the run folder / the checkpoint's)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: a folder named after the command inside the run folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace this command's earlier results there")
     p.add_argument("--device", default="cpu")
     p.add_argument("--debug", action="store_true")
 

@@ -1,10 +1,12 @@
 """Retrieval examples: for n text queries of a split, key frames of the top-5 videos with their scores and the
 ground truth marked; a PNG and an HTML page that links the video files.
 
-    python -m emcl.viz.examples --run runs/demo -n 8 [--split test] [--policy query] [--out DIR]
+    python -m emcl.viz.examples --run runs/demo -n 8 [--split test] [--policy query] [--out DIR] [--overwrite]
 
-Writes ``examples.png`` and ``examples.html`` into the run folder (or ``--out``). Queries are n captions
-spread evenly over the split (``--queries 0,17,42`` picks them). Scores are the model's cosine scores
+Writes ``examples.png``, ``examples.html`` and ``examples.json`` into ``RUN/examples/`` (``--out DIR``
+elsewhere; never into the run folder itself); the folder is locked while the command works, and earlier
+results there are replaced only with ``--overwrite``. The run must be an EMCL-Net one. Queries are n
+captions spread evenly over the split (``--queries 0,17,42`` picks them). Scores are the model's cosine scores
 under the run's evaluation policy (``eval_block``, or ``--policy``), computed over the whole split as in
 the evaluation. Key frames are three of the clip's sampled frames (first, middle, last), decoded from the
 video file at ``--thumb_size`` pixels when it can be read, else taken from the run's frame source.
@@ -27,7 +29,8 @@ import torch
 
 from emcl.errors import UserError, cli_main
 from emcl.fileio import atomic_write, save_json
-from emcl.viz import load_split_features, run_parser
+from emcl.train.config import positive_int
+from emcl.viz import figure_output, load_figure_run, run_parser, split_features
 
 log = logging.getLogger("emcl.viz")
 
@@ -191,52 +194,72 @@ def write_html(rows: list[dict[str, Any]], captions: list[str], video_ids: list[
     atomic_write(path, lambda fh: fh.write("\n".join(out).encode()))
 
 
+#: What the command writes into its folder: ``--overwrite`` replaces these, and only these.
+OWN_FILES = ("examples.png", "examples.html", "examples.json", ".*.tmp")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = run_parser(__doc__)
-    p.add_argument("-n", type=int, default=8, help="number of text queries")
-    p.add_argument("-k", type=int, default=5, help="videos shown per query")
+    p.add_argument("-n", type=positive_int, default=8, help="number of text queries")
+    p.add_argument("-k", type=positive_int, default=5, help="videos shown per query")
     p.add_argument("--queries", default=None, help="comma-separated caption indices instead of -n")
     p.add_argument("--policy", default=None, choices=("paper", "query", "none"),
                    help="evaluation policy of the scores (default: the run's eval_block)")
-    p.add_argument("--thumb_size", type=int, default=96, help="key-frame size in pixels")
+    p.add_argument("--thumb_size", type=positive_int, default=96, help="key-frame size in pixels")
     return p
 
 
+def chosen_queries(args: argparse.Namespace, num_captions: int) -> list[int]:
+    """``--queries`` checked against the split, else ``-n`` captions spread over it."""
+    if not args.queries:
+        return pick_queries(num_captions, args.n)
+    try:
+        queries = [int(x) for x in args.queries.split(",")]
+    except ValueError:
+        raise UserError(f"--queries {args.queries!r}: expected comma-separated integers") from None
+    bad = [q for q in queries if not 0 <= q < num_captions]
+    if bad:
+        raise UserError(f"--queries: caption index {bad[0]} outside 0..{num_captions - 1}")
+    return queries
+
+
+def summary_of(rows: list[dict[str, Any]], split: Any, args: argparse.Namespace, policy: str,
+               num_videos: int) -> dict[str, Any]:
+    """``examples.json``: the policy, and per query its caption, ground truth, its rank and the top k."""
+    return {"policy": policy, "split": args.split, "num_videos": num_videos, "k": args.k,
+            "hits_at_k": sum(r["gt_rank"] <= args.k for r in rows), "queries": [
+                {"caption": split.captions[r["query"]], "caption_index": r["query"],
+                 "ground_truth": split.video_ids[r["gt"]], "gt_rank": r["gt_rank"],
+                 "top": [{"video_id": split.video_ids[v], "score": s}
+                         for v, s in zip(r["videos"], r["scores"])]} for r in rows]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Score the split and write ``examples.png``, ``examples.html`` and ``examples.json`` into the
+    command's folder (``RUN/examples/`` unless ``--out``)."""
     from emcl.train.runs import similarity
 
     args = build_parser().parse_args(argv)
-    loaded = load_split_features(args)
-    run, split, out, (t, f, m, ok) = loaded.run, loaded.split, loaded.out, loaded.features
-    if not bool(ok.all()):
-        raise UserError(f"{int((~ok).sum())} video(s) of split {args.split} could not be read")
-    policy = args.policy or getattr(run.cfg, "eval_block", "query")
-    sim = similarity(run, t, f, m, policy).cpu()
-    if args.queries:
-        try:
-            queries = [int(x) for x in args.queries.split(",")]
-        except ValueError:
-            raise UserError(f"--queries {args.queries!r}: expected comma-separated integers") from None
-        bad = [q for q in queries if not 0 <= q < len(split.captions)]
-        if bad:
-            raise UserError(f"--queries: caption index {bad[0]} outside 0..{len(split.captions) - 1}")
-    else:
-        queries = pick_queries(len(split.captions), args.n)
-    rows = top_k(sim, queries, list(split.caption_video), args.k)
-    title = (f"{loaded.name}: {split.datatype}/{args.split}, top {args.k} of {sim.shape[1]} videos "
-             f"(policy {policy})")
-    frames = KeyFrames(run, split, args.thumb_size)
-    draw_examples(rows, split.captions, split.video_ids, frames, out / "examples.png", title)
-    write_html(rows, split.captions, split.video_ids, frames, out / "examples.html", title, "examples.png")
-    hits = sum(r["gt_rank"] <= args.k for r in rows)
-    summary = {"policy": policy, "split": args.split, "num_videos": int(sim.shape[1]), "k": args.k,
-               "hits_at_k": hits, "queries": [
-                   {"caption": split.captions[r["query"]], "caption_index": r["query"],
-                    "ground_truth": split.video_ids[r["gt"]], "gt_rank": r["gt_rank"],
-                    "top": [{"video_id": split.video_ids[v], "score": s}
-                            for v, s in zip(r["videos"], r["scores"])]} for r in rows]}
-    save_json(summary, out / "examples.json")
-    print(f"{hits}/{len(rows)} queries have their ground truth in the top {args.k}")
+    run = load_figure_run(args)
+    with figure_output(args, run, "examples", OWN_FILES) as claim:
+        loaded = split_features(args, run, claim.folder)
+        split, out, (t, f, m, ok) = loaded.split, loaded.out, loaded.features
+        if not bool(ok.all()):
+            raise UserError(f"{int((~ok).sum())} video(s) of split {args.split} could not be read")
+        policy = args.policy or getattr(run.cfg, "eval_block", "query")
+        queries = chosen_queries(args, len(split.captions))
+        sim = similarity(run, t, f, m, policy).cpu()
+        rows = top_k(sim, queries, list(split.caption_video), args.k)
+        title = (f"{loaded.name}: {split.datatype}/{args.split}, top {args.k} of {sim.shape[1]} videos "
+                 f"(policy {policy})")
+        frames = KeyFrames(run, split, args.thumb_size)
+        claim.clear()
+        draw_examples(rows, split.captions, split.video_ids, frames, out / "examples.png", title)
+        write_html(rows, split.captions, split.video_ids, frames, out / "examples.html", title,
+                   "examples.png")
+        summary = summary_of(rows, split, args, policy, int(sim.shape[1]))
+        save_json(summary, out / "examples.json")
+    print(f"{summary['hits_at_k']}/{len(rows)} queries have their ground truth in the top {args.k}")
     print(f"wrote {out / 'examples.png'}, {out / 'examples.html'} and {out / 'examples.json'}")
     return summary
 

@@ -1,9 +1,11 @@
 """The modality-gap figure: text and video embeddings of a split in 2-D, without and with EMCL.
 
     python -m emcl.viz.modality_gap --run runs/demo
-    python -m emcl.viz.modality_gap --checkpoint CK --config C --split test [--out DIR]
+    python -m emcl.viz.modality_gap --checkpoint CK --config C --split test [--out DIR] [--overwrite]
 
-Writes ``modality_gap.png`` and ``modality_gap.json`` into the run folder (or ``--out``) and prints the gap.
+Writes ``modality_gap.png`` and ``modality_gap.json`` into ``RUN/modality_gap/`` (``--out DIR`` elsewhere;
+never into the run folder itself) and prints the gap. The folder is locked while the command works, and
+earlier results there are replaced only with ``--overwrite``. The run must be an EMCL-Net one.
 
 What is plotted (EMCL-Net runs):
 
@@ -49,7 +51,8 @@ import torch.nn.functional as F
 from emcl.em import EMCL, em_reconstruct
 from emcl.errors import UserError, cli_main
 from emcl.fileio import save_json
-from emcl.viz import load_split_features, run_parser
+from emcl.train.config import positive_int
+from emcl.viz import figure_output, load_figure_run, run_parser, split_features
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (texts, videos)
 
@@ -216,67 +219,93 @@ def pick_captions(caption_video: list[int], valid: list[bool]) -> tuple[list[int
     return [first[v] for v in vids], vids
 
 
+#: What the command writes into its folder: ``--overwrite`` replaces these, and only these.
+OWN_FILES = ("modality_gap.png", "modality_gap.json", ".*.tmp")
+
+DEFINITIONS = {
+    "text": "text feature (projected EOT), first caption of each video",
+    "video": "masked mean of the per-frame features after temporal aggregation",
+    "without_emcl": "rows of [videos; texts] L2-normalised",
+    "with_emcl": "X + beta * EM reconstruction of X = [videos; texts] with the run's mu, then L2",
+    "centroid_distance": "|mean(text) - mean(video)| in D dimensions",
+    "emcl_relative_change": "mean over rows of |beta * R_i| / |X_i| (before normalisation)",
+    "probe_accuracy": "balanced held-out accuracy of L2-regularised logistic regression (1e-3), "
+                      "trained on a random half of each modality, tested on the other half",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = run_parser(__doc__)
-    p.add_argument("--max_videos", type=int, default=2000, help="use at most this many videos (the first)")
+    p.add_argument("--max_videos", type=positive_int, default=2000,
+                   help="use at most this many videos (the first; at least 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's train/test halves")
     return p
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    loaded = load_split_features(args)
-    run, split, out, (t, f, m, ok) = loaded.run, loaded.split, loaded.out, loaded.features
+def run_layer(run: Any) -> tuple[EMCL, str]:
+    """The run's EMCL layer and what it is; a fresh one from its settings when it was trained without."""
+    emcl = getattr(run.model, "emcl", None)
+    if emcl is not None:
+        return emcl, "trained (the run's mu)"
+    cfg = run.cfg
+    return (EMCL(k=cfg.centerK, stage_num=cfg.stage_num, momentum=cfg.momentum, lamd=cfg.lamd, beta=cfg.beta,
+                 init=cfg.em_init, seed=cfg.seed),
+            "fresh layer from the run's settings (the run was trained without EMCL)")
+
+
+def measure(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """The gap of a loaded split: embeddings (``emb``), the numbers (``gap``), EMCL's relative change and
+    layer, and the counts. Refuses a split with fewer than 4 usable videos and a non-finite gap."""
+    split, (t, f, m, ok) = loaded.split, loaded.features
     captions, vids = pick_captions(list(split.caption_video), ok.cpu().tolist())
     if len(vids) < 4:
         raise UserError(f"split {args.split} has {len(vids)} usable video(s) with captions; need at least 4")
     captions, vids = captions[: args.max_videos], vids[: args.max_videos]
     t = t[torch.tensor(captions)].cpu()
     v = video_vectors(f[torch.tensor(vids)], m[torch.tensor(vids)]).cpu()
-
-    emcl = getattr(run.model, "emcl", None)
-    emcl_state = "trained (the run's mu)"
-    if emcl is None:
-        cfg = run.cfg
-        emcl = EMCL(k=cfg.centerK, stage_num=cfg.stage_num, momentum=cfg.momentum, lamd=cfg.lamd,
-                    beta=cfg.beta, init=cfg.em_init, seed=cfg.seed)
-        emcl_state = "fresh layer from the run's settings (the run was trained without EMCL)"
+    emcl, emcl_state = run_layer(loaded.run)
     emb = gap_embeddings(t, v, emcl.cpu())
     gap = measure_gap(emb, seed=args.seed)
+    if not all(math.isfinite(x) for d in gap.values() for x in d.values()):
+        raise UserError("the measured gap is not finite (NaN features?)")
     x = torch.cat([v, t]).float()
     change = float(((apply_emcl(x, emcl) - x).norm(dim=-1) / x.norm(dim=-1).clamp(min=1e-12)).mean())
+    return {"emb": emb, "gap": gap, "change": change, "emcl": emcl, "emcl_state": emcl_state,
+            "num_videos": len(vids), "num_texts": len(captions)}
 
-    title = f"{loaded.name}: {split.datatype}/{args.split}, {len(vids)} videos and one caption each"
-    extra = draw_gap(emb, gap, out / "modality_gap.png", title=title)
-    result = {
-        **gap,
-        **extra,
-        "split": args.split,
-        "num_videos": len(vids),
-        "num_texts": len(captions),
-        "checkpoint": str(run.checkpoint),
-        "emcl_relative_change": change,
-        "emcl": {"state": emcl_state, "K": emcl.k, "stage_num": emcl.stage_num, "lamd": emcl.lamd,
-                 "beta": emcl.beta},
-        "definitions": {
-            "text": "text feature (projected EOT), first caption of each video",
-            "video": "masked mean of the per-frame features after temporal aggregation",
-            "without_emcl": "rows of [videos; texts] L2-normalised",
-            "with_emcl": "X + beta * EM reconstruction of X = [videos; texts] with the run's mu, then L2",
-            "centroid_distance": "|mean(text) - mean(video)| in D dimensions",
-            "emcl_relative_change": "mean over rows of |beta * R_i| / |X_i| (before normalisation)",
-            "probe_accuracy": "balanced held-out accuracy of L2-regularised logistic regression (1e-3), "
-                              "trained on a random half of each modality, tested on the other half",
-        },
-    }
-    save_json(result, out / "modality_gap.json")
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Measure the gap and write ``modality_gap.png`` and ``modality_gap.json`` into the command's folder
+    (``RUN/modality_gap/`` unless ``--out``)."""
+    args = build_parser().parse_args(argv)
+    if args.max_videos < 4:
+        raise UserError(f"argument --max_videos: {args.max_videos} is out of range (an integer >= 4)")
+    run = load_figure_run(args)
+    with figure_output(args, run, "modality_gap", OWN_FILES) as claim:
+        loaded = split_features(args, run, claim.folder)
+        out, m = loaded.out, measure(args, loaded)
+        gap, emcl = m["gap"], m["emcl"]
+        claim.clear()
+        title = (f"{loaded.name}: {loaded.split.datatype}/{args.split}, {m['num_videos']} videos and one "
+                 "caption each")
+        result = {
+            **gap,
+            **draw_gap(m["emb"], gap, out / "modality_gap.png", title=title),
+            "split": args.split,
+            "num_videos": m["num_videos"],
+            "num_texts": m["num_texts"],
+            "checkpoint": str(run.checkpoint),
+            "emcl_relative_change": m["change"],
+            "emcl": {"state": m["emcl_state"], "K": emcl.k, "stage_num": emcl.stage_num, "lamd": emcl.lamd,
+                     "beta": emcl.beta},
+            "definitions": DEFINITIONS,
+        }
+        save_json(result, out / "modality_gap.json")
     for key in ("without_emcl", "with_emcl"):
         print(f"{key:>13}: centroid distance {gap['centroid_distance'][key]:.4f}, "
               f"probe accuracy {100 * gap['probe_accuracy'][key]:.1f}%")
-    print(f"EMCL moves each row by {100 * change:.1f}% of its norm on average (|beta R_i| / |X_i|)")
+    print(f"EMCL moves each row by {100 * m['change']:.1f}% of its norm on average (|beta R_i| / |X_i|)")
     print(f"wrote {out / 'modality_gap.png'} and {out / 'modality_gap.json'}")
-    if not all(math.isfinite(x) for d in gap.values() for x in d.values()):
-        raise UserError("the measured gap is not finite (NaN features?)")
     return result
 
 
