@@ -13,7 +13,7 @@ The folder is locked while the script works; one holding a finished table is ref
 ``--overwrite``, which removes the table's files and the run folders it recorded, then runs everything
 afresh. Runs are never given ``--overwrite``: a run folder this table recorded with the same command and
 finished is reused, and one holding any other results is refused before anything runs (see
-``emcl/tables.py``).
+``emcl/train/tables.py``).
 
 Policies: ``paper`` runs EM per block of 32 (MMT: 32 matched pairs in list order; EMCL-Net: 32 texts x 32
 videos), as the reference, so each query meets its own positive inside EM (transductive); ``query`` runs

@@ -219,8 +219,8 @@ def run_seeds(config: str, seeds: Sequence[int], output_dir: str | os.PathLike[s
     """Run every seed whose folder does not hold this very run, finished; returns the seeds that were run.
 
     Every seed folder is checked against the record of the table's runs (``table.record``, else ``record``,
-    else the one in ``output_dir``: :class:`emcl.tables.SubRuns`) before the ``table`` removes anything
-    (``--overwrite``: :meth:`emcl.tables.TableFolder.begin`) and before any run. ``runner`` is called like
+    else the one in ``output_dir``: :class:`emcl.train.tables.SubRuns`) before the ``table`` removes anything
+    (``--overwrite``: `TableFolder.begin`) and before any run. ``runner`` is called like
     ``subprocess.run(cmd, cwd=REPO)`` (tests pass a fake). A run that fails stops the script with its exit
     status and the seed's folder named.
     """

@@ -23,7 +23,7 @@ from typing import Any
 
 from emcl import tables
 from emcl.errors import UserError, cli_main
-from emcl.tables import RunFileError as TableError
+from emcl.train.tables import RunFileError as TableError
 
 KEYS = ("R1", "R5", "R10", "MdR", "MnR")
 DIRECTIONS = ("t2v", "v2t")

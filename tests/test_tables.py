@@ -1,4 +1,4 @@
-"""emcl.tables (what the table scripts share) and scripts/emcl_table.py end to end, its training runs
+"""emcl.train.tables (what the table scripts share) and scripts/emcl_table.py end to end, its training runs
 replaced by tests/_fake_train.py: lanes side by side, a log per run, failures named, table.md/json/png."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_emcl_table_end_to_end(emcl_table, tmp_path, capsys):
 
 
 def test_scripts_share_the_helpers():
-    """The three table scripts launch, read and write through emcl.tables, not each its own copy."""
+    """The three table scripts launch, read and write through emcl.train.tables, not each its own copy."""
     root = Path(__file__).resolve().parents[1] / "scripts"
     for name in ("multiseed", "emcl_table", "paper_table"):
         text = (root / f"{name}.py").read_text()

@@ -83,16 +83,7 @@ def check_output_dir(
     folder = Path(output_dir)
     if resume and overwrite:
         raise UserError("--resume continues the run in the output folder, --overwrite discards it: pass one")
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output_dir {folder} exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"output folder {folder} is not writable ({e.strerror or e}); fix its permissions "
-                        "or choose another --output_dir") from None
+    prepare_tool_folder(folder, "--output_dir", subject=f"output folder {folder}", file_hint="")
 
     metrics, last = folder / "metrics.json", folder / "checkpoint_last.pt"
     checkpoints = sorted(p.name for p in folder.glob("checkpoint_*.pt"))
@@ -141,19 +132,21 @@ def _names(paths: Iterable[Path]) -> str:
     return ", ".join(p.name for p in paths)
 
 
-def prepare_tool_folder(folder: str | os.PathLike[str], flag: str = "--out") -> Path:
+def prepare_tool_folder(folder: str | os.PathLike[str], flag: str = "--out", *, subject: str | None = None,
+                        file_hint: str = "; give a folder") -> Path:
     """Create ``folder`` if needed; :class:`UserError` naming ``flag`` when it is a file, cannot be created
     or is not writable. Called before the folder's lock is taken, so that these are said plainly."""
     folder = Path(folder)
+    subject = subject or f"{flag} {folder}"
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"{flag} {folder} exists and is not a folder; give a folder")
+        raise UserError(f"{flag} {folder} exists and is not a folder{file_hint}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.", suffix=".tmp")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{flag} {folder} is not writable ({e.strerror or e}); fix its permissions or "
+        raise UserError(f"{subject} is not writable ({e.strerror or e}); fix its permissions or "
                         f"choose another {flag}") from None
     return folder
 

@@ -355,31 +355,20 @@ def _drop_invalid(emb: Embeddings, ok: torch.Tensor, video_ids: list[str], cfg: 
 
 def frame_source(cfg: argparse.Namespace, size: int) -> ClipSource:
     """JPEG frame folders (``--frame_path``) or videos decoded on the fly (``--video_path``)."""
+    flag = "--frame_path" if cfg.frame_path else "--video_path"
+    folder = cfg.frame_path or cfg.video_path
+    if folder and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is not a folder")
     if cfg.frame_path:
         from emcl.data.frames import FrameFolderSource
 
-        if not os.path.isdir(cfg.frame_path):
-            raise UserError(f"--frame_path {cfg.frame_path} is not a folder")
-        return FrameFolderSource(
-            cfg.frame_path,
-            sample_fp=cfg.feature_framerate,
-            max_frames=cfg.max_frames,
-            size=size,
-            extract_fps=cfg.extract_fps,
-        )
+        return FrameFolderSource(cfg.frame_path, sample_fp=cfg.feature_framerate, max_frames=cfg.max_frames,
+                                 size=size, extract_fps=cfg.extract_fps)
     if cfg.video_path:
         from emcl.data.sources import VideoSource
 
-        if not os.path.isdir(cfg.video_path):
-            raise UserError(f"--video_path {cfg.video_path} is not a folder")
-        return VideoSource(
-            cfg.video_path,
-            framerate=cfg.video_framerate,
-            max_frames=cfg.max_frames,
-            size=size,
-            backend=cfg.decode_backend,
-            any_extension=cfg.datatype == "msvd",
-        )
+        return VideoSource(cfg.video_path, framerate=cfg.video_framerate, max_frames=cfg.max_frames,
+                           size=size, backend=cfg.decode_backend, any_extension=cfg.datatype == "msvd")
     raise UserError("a CLIP2Video checkpoint needs --frame_path (JPEG folders) or --video_path (videos)")
 
 

@@ -42,7 +42,7 @@ from emcl.errors import UserError
 from emcl.fileio import save_bytes, save_json
 from emcl.train.outdir import ToolOutput, result_files
 
-log = logging.getLogger("emcl.tables")
+log = logging.getLogger("emcl.train.tables")
 
 T = TypeVar("T")
 R = TypeVar("R")
