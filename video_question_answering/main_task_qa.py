@@ -4,12 +4,7 @@
     torchrun --nproc_per_node=2 -m video_question_answering.main_task_qa --config configs/msrvtt_qa.yaml \
         --anno_path data/msrvtt_qa --video_path data/msrvtt/videos --output_dir runs/msrvtt_qa
 
-``--anno_path`` holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` and ``train_ans2label.json`` as they
-ship; ``--video_path`` holds ``{video_id}.mp4``; ``--frame_cache`` is the same HDF5 frame store retrieval
-uses. Accuracy is reported overall and per answer type: ``accuracy`` counts questions whose answer is
-outside the vocabulary as wrong (the honest number), ``accuracy_filtered`` drops them as the reference did
-(``oov_count`` says how many). The run loop (resume, selection on val, checkpoints, eval-only runs,
-``metrics.json``) is :mod:`emcl.train.runner`; this file supplies EMCL-QA's model, data and evaluation.
+``accuracy`` counts out-of-vocabulary answers as wrong; ``accuracy_filtered`` drops them, as the reference.
 """
 
 from __future__ import annotations

@@ -5,10 +5,6 @@
     python -m video_retrieval.joint_training.main_task_joint --config configs/mmt_msrvtt.yaml \
         --anno_path data/MSRVTT --features data/MSRVTT/experts.h5 --bert_path models/bert-base-cased \
         --output_dir runs/mmt_msrvtt
-
-``--anno_path`` holds the split lists, ``--features`` the expert store (a consolidated HDF5 file from
-``scripts/consolidate_experts.py``, or the per-video folder), ``--bert_path`` a local BERT folder. The
-run loop is :mod:`emcl.train.runner`; evaluation (every policy, labelled) :mod:`emcl.train.retrieval`.
 """
 
 from __future__ import annotations
