@@ -27,8 +27,8 @@ import os
 import time
 from pathlib import Path
 
-from emcl import tables
 from emcl.errors import UserError, cli_main
+from emcl.train import tables
 
 ROOT = Path(__file__).resolve().parents[1]
 

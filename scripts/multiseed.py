@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from emcl import tables
 from emcl.errors import cli_main
 from emcl.metrics import RANK_KEYS
+from emcl.train import tables
 from emcl.train.outdir import check_tool_output
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emcl import tables
 from emcl.errors import UserError, cli_main
+from emcl.train import tables
 from emcl.train.tables import RunFileError as TableError
 
 KEYS = ("R1", "R5", "R10", "MdR", "MnR")

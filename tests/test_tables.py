@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from emcl import tables
+from emcl.train import tables
 
 try:  # tests/ may or may not be a package
     from tests._video_fixtures import load_script
@@ -106,5 +106,5 @@ def test_scripts_share_the_helpers():
     root = Path(__file__).resolve().parents[1] / "scripts"
     for name in ("multiseed", "emcl_table", "paper_table"):
         text = (root / f"{name}.py").read_text()
-        assert "from emcl import tables" in text
+        assert "from emcl.train import tables" in text
         assert "save_json" not in text and "ThreadPoolExecutor" not in text and "json.loads" not in text
