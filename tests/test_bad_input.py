@@ -1003,14 +1003,7 @@ def test_ctrl_c_in_a_sweep_exits_130_and_keeps_the_main_result(emb_files, tmp_pa
 # --------- tools that write results: tables, search indexes, figures
 def tool(main, argv: list[str]) -> tuple[int, str]:
     """A tool's command as ``python -m``/the script would run it (``cli_main``): (exit status, stderr)."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            cli_main(main, argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, err.getvalue()
+    return cli(argv, main)
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -1047,9 +1040,13 @@ def load_script(name: str):
 def emcl_table(monkeypatch):
     """scripts/emcl_table.py with its four training runs replaced by tests/_fake_train.py."""
     script = load_script("emcl_table")
-    runs = script._runs
-    monkeypatch.setattr(script, "_runs", lambda a: [[{**r, "module": FAKE} for r in ln] for ln in runs(a)])
+    monkeypatch.setattr(script, "_runs", fake_runs(script._runs))
     return script
+
+
+def fake_runs(runs):
+    """The table's runs, each run by the stand-in trainer."""
+    return lambda a: [[{**r, "module": FAKE} for r in lane] for lane in runs(a)]
 
 
 def test_table_into_a_finished_table_folder_is_refused(emcl_table, tmp_path):
