@@ -37,12 +37,12 @@ def describe_task(name: str) -> str:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are :class:`UserError`: under :func:`cli_main` a bad flag prints
-    one line (``error: argument -k: 0 is out of range (an integer >= 1)``) and exits 2, without the usage
-    block. Sub-command parsers made by ``add_subparsers`` are of this class too."""
+    """An argument parser whose errors are one line, ``error: argument --lr: ...`` (exit status 2), like
+    every other error a user can fix: no usage block of forty lines to scroll past (``--help`` has it).
+    Sub-command parsers made by ``add_subparsers`` are of this class too."""
 
     def error(self, message: str) -> NoReturn:
-        raise UserError(message)
+        self.exit(2, f"error: {message}\n")
 
 
 def cli_main(main: Callable[[list[str] | None], T], argv: Sequence[str] | None = None) -> T:

@@ -14,11 +14,11 @@ import difflib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
 
-from emcl.errors import UserValueError
+from emcl.errors import OneLineParser, UserValueError
 
 __all__ = [
     "OneLineParser",
@@ -71,14 +71,6 @@ nonneg_int = _ranged(int, lambda v: v >= 0, "an integer >= 0", "nonneg_int")
 positive_float = _ranged(float, lambda v: v > 0, "a number > 0", "positive_float")
 nonneg_float = _ranged(float, lambda v: v >= 0, "a number >= 0", "nonneg_float")
 fraction = _ranged(float, lambda v: 0 <= v <= 1, "a number from 0 to 1", "fraction")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, ``error: argument --lr: ...`` (exit status 2), like
-    every other error a user can fix: no usage block of forty lines to scroll past (``--help`` has it)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message}\n")
 
 
 # ------------------------------------------------------------------------------------------ YAML
